@@ -1,0 +1,120 @@
+"""Kubernetes resource quantities ("4Gi", "500M", 1024) as a pydantic type.
+
+Owns parsing quantities into exact numbers and the int-or-string schema the CRD needs. Used by
+the API models for `gpu.memory` and `resources`, and by the operator and trainer to compare
+memory budgets in bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any
+
+from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import PydanticCustomError, core_schema
+
+# The grammar of k8s.io/apimachinery/pkg/api/resource: a signed decimal number followed by a
+# binary SI suffix, a decimal SI suffix or a decimal exponent.
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+_QUANTITY_RE = re.compile(QUANTITY_PATTERN)
+_SUFFIX_RE = re.compile(r"^(.*?)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9.]+)?$")
+
+_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_DECIMAL = {
+    "n": Decimal("1e-9"),
+    "u": Decimal("1e-6"),
+    "m": Decimal("1e-3"),
+    "k": Decimal(10**3),
+    "M": Decimal(10**6),
+    "G": Decimal(10**9),
+    "T": Decimal(10**12),
+    "P": Decimal(10**15),
+    "E": Decimal(10**18),
+}
+
+QUANTITY_HINT = "use a Kubernetes quantity such as 8Gi, 512Mi or 2"
+
+
+def parse_quantity(value: str | int | float) -> Decimal:
+    """Return the exact value of a quantity; raise ValueError naming the expected form."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a quantity; {QUANTITY_HINT}")
+    if isinstance(value, int | float):
+        return Decimal(str(value))
+    text = value.strip()
+    if not _QUANTITY_RE.match(text):
+        raise ValueError(f"{value!r} is not a quantity; {QUANTITY_HINT}")
+    match = _SUFFIX_RE.match(text)
+    assert match is not None  # the pattern above already matched
+    number, suffix = match.group(1), match.group(2) or ""
+    try:
+        base = Decimal(number)
+    except InvalidOperation as error:  # pragma: no cover - the pattern rules this out
+        raise ValueError(f"{value!r} is not a quantity; {QUANTITY_HINT}") from error
+    if suffix in _BINARY:
+        return base * _BINARY[suffix]
+    if suffix in _DECIMAL:
+        return base * _DECIMAL[suffix]
+    if suffix:
+        return base * (Decimal(10) ** Decimal(suffix[1:]))
+    return base
+
+
+def quantity_bytes(value: str | int) -> int:
+    """A memory quantity in whole bytes (rounded up, as Kubernetes does)."""
+    exact = parse_quantity(value)
+    whole = int(exact)
+    return whole if whole == exact else whole + 1
+
+
+class _QuantityAnnotation:
+    """Validates a quantity, keeps the user's spelling, and renders as int-or-string."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        def validate(value: Any) -> str | int:
+            if isinstance(value, bool) or not isinstance(value, str | int):
+                raise PydanticCustomError(
+                    "quantity_type",
+                    "must be a quantity string or integer; {hint}",
+                    {"hint": QUANTITY_HINT},
+                )
+            try:
+                amount = parse_quantity(value)
+            except ValueError:
+                raise PydanticCustomError(
+                    "quantity",
+                    "'{value}' is not a quantity; {hint}",
+                    {"value": value, "hint": QUANTITY_HINT},
+                ) from None
+            if amount < 0:
+                raise PydanticCustomError(
+                    "quantity_negative",
+                    "'{value}' is negative; a resource amount must be >= 0",
+                    {"value": value},
+                )
+            return value
+
+        return core_schema.no_info_plain_validator_function(
+            validate, serialization=core_schema.plain_serializer_function_ser_schema(lambda v: v)
+        )
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": QUANTITY_PATTERN,
+            "x-kubernetes-int-or-string": True,
+        }
+
+
+Quantity = Annotated[str | int, _QuantityAnnotation]

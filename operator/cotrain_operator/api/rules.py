@@ -1,0 +1,274 @@
+"""Cross-field rules of the CoTrainJob API, each written once as CEL and once as Python.
+
+Owns the table of rules that a JSON schema cannot express (migProfile only with MIG, compute
+shares adding up to at most 100, immutable members, ...). `crd.py` places each rule's CEL in the
+CRD as `x-kubernetes-validations` on the schema node of its model class, so the API server
+enforces it at `kubectl apply`; `validation.py` runs the Python twin for `cotrain validate` and for
+the operator, which must refuse objects that reached it without the server's checks. The messages
+are identical on both paths, and the component tests feed the same invalid specs to both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from cotrain_operator.api.models import (
+    MAX_JOB_NAME,
+    CoTrainJob,
+    CoTrainJobSpec,
+    EnvVar,
+    Member,
+    MemberGPU,
+    Placement,
+    PlacementStrategy,
+    ResourceRequirements,
+    Sharing,
+    SharingMode,
+)
+from cotrain_operator.api.quantity import parse_quantity
+
+RESERVED_ENV_PREFIXES = ("COTRAIN_", "CUDA_MPS_")
+RESERVED_ENV_NAMES = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES")
+GPU_RESOURCE_PREFIX = "nvidia.com/"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One cross-field rule on the schema node of `node` (a model class)."""
+
+    node: type[BaseModel]
+    # CEL with `self` bound to the node (and `oldSelf` for transition rules). None when the
+    # server enforces the rule through the schema's structure (e.g. list-map key uniqueness).
+    cel: str | None
+    message: str
+    # Where the error points, relative to the node, in the CRD's fieldPath syntax (".a.b").
+    field_path: str
+    check: Callable[[Any], bool]
+    reason: str = "FieldValueInvalid"
+
+
+@dataclass(frozen=True)
+class TransitionRule:
+    """A rule comparing an update with the stored object (CEL `oldSelf`)."""
+
+    node: type[BaseModel]
+    cel: str
+    message: str
+    field_path: str
+    check: Callable[[Any, Any], bool]
+    reason: str = "FieldValueForbidden"
+
+
+def _compute_sum(spec: CoTrainJobSpec) -> int:
+    return sum(m.gpu.compute_percent or 0 for m in spec.members)
+
+
+def _unique(names: list[str]) -> bool:
+    return len(names) == len(set(names))
+
+
+def _no_gpu_keys(resources: ResourceRequirements) -> bool:
+    keys = [*resources.requests, *resources.limits]
+    return not any(k.startswith(GPU_RESOURCE_PREFIX) for k in keys)
+
+
+def _requests_within_limits(resources: ResourceRequirements) -> bool:
+    return all(
+        parse_quantity(resources.requests[key]) <= parse_quantity(limit)
+        for key, limit in resources.limits.items()
+        if key in resources.requests
+    )
+
+
+def _env_allowed(env: EnvVar) -> bool:
+    return not env.name.startswith(RESERVED_ENV_PREFIXES) and env.name not in RESERVED_ENV_NAMES
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        node=Sharing,
+        cel="!has(self.migProfile) || self.mode == 'MIG'",
+        message="migProfile is only used with mode MIG: remove spec.sharing.migProfile or set "
+        "spec.sharing.mode to MIG",
+        field_path=".migProfile",
+        check=lambda s: s.mig_profile is None or s.mode == SharingMode.MIG,
+    ),
+    Rule(
+        node=Sharing,
+        cel="self.mode != 'MIG' || has(self.migProfile)",
+        message="mode MIG needs the slice to request: set spec.sharing.migProfile, e.g. 1g.10gb",
+        field_path=".migProfile",
+        check=lambda s: s.mode != SharingMode.MIG or s.mig_profile is not None,
+        reason="FieldValueRequired",
+    ),
+    Rule(
+        node=Placement,
+        cel="!self.sameNode || self.strategy == 'PodPerMember'",
+        message="sameNode applies only to strategy PodPerMember (SameGPU already runs every "
+        "member in one pod): remove sameNode or set strategy to PodPerMember",
+        field_path=".sameNode",
+        check=lambda p: not p.same_node or p.strategy == PlacementStrategy.POD_PER_MEMBER,
+    ),
+    Rule(
+        node=CoTrainJobSpec,
+        cel=None,  # the CRD declares members a list-map keyed by name
+        message="member names must be unique: rename the duplicate member",
+        field_path=".members",
+        check=lambda s: _unique([m.name for m in s.members]),
+        reason="FieldValueDuplicate",
+    ),
+    Rule(
+        node=CoTrainJobSpec,
+        cel="self.sharing.mode in ['MPS', 'Auto'] || "
+        "self.members.all(m, !has(m.gpu) || !has(m.gpu.computePercent))",
+        message="gpu.computePercent is an MPS share: set spec.sharing.mode to MPS (or Auto) or "
+        "remove computePercent from the members",
+        field_path=".members",
+        check=lambda s: (
+            s.sharing.mode in (SharingMode.MPS, SharingMode.AUTO)
+            or all(m.gpu.compute_percent is None for m in s.members)
+        ),
+    ),
+    Rule(
+        node=CoTrainJobSpec,
+        cel="self.placement.strategy != 'SameGPU' || self.members.map(m, has(m.gpu) && "
+        "has(m.gpu.computePercent) ? m.gpu.computePercent : 0).sum() <= 100",
+        message="the members' gpu.computePercent add up to more than 100 on one shared GPU: "
+        "lower them so that they sum to at most 100",
+        field_path=".members",
+        check=lambda s: (
+            s.placement.strategy != PlacementStrategy.SAME_GPU or _compute_sum(s) <= 100
+        ),
+    ),
+    Rule(
+        node=Member,
+        cel="!(has(self.steps) && has(self.epochs))",
+        message="set either steps or epochs, not both",
+        field_path=".steps",
+        check=lambda m: m.steps is None or m.epochs is None,
+    ),
+    Rule(
+        node=Member,
+        cel="!has(self.model) || !has(self.command)",
+        message="model picks a built-in model, which a command replaces: remove model or command",
+        field_path=".model",
+        check=lambda m: m.model is None or m.command is None,
+    ),
+    Rule(
+        node=Member,
+        cel="!has(self.args) || has(self.command)",
+        message="args are passed to a command: set command too, or remove args to train the "
+        "built-in model",
+        field_path=".args",
+        check=lambda m: m.args is None or m.command is not None,
+        reason="FieldValueRequired",
+    ),
+    Rule(
+        node=Member,
+        cel=None,  # the CRD declares env a list-map keyed by name
+        message="environment variable names must be unique: remove the duplicate",
+        field_path=".env",
+        check=lambda m: _unique([e.name for e in m.env]),
+        reason="FieldValueDuplicate",
+    ),
+    Rule(
+        node=MemberGPU,
+        cel="!has(self.memory) || quantity(string(self.memory)).compareTo(quantity('1Mi')) >= 0",
+        message="gpu.memory is in bytes and must be at least 1Mi: write it with a unit, e.g. 4Gi",
+        field_path=".memory",
+        check=lambda g: g.memory is None or parse_quantity(g.memory) >= 2**20,
+    ),
+    Rule(
+        node=ResourceRequirements,
+        cel="(!has(self.requests) || self.requests.all(k, !k.startsWith('nvidia.com/'))) && "
+        "(!has(self.limits) || self.limits.all(k, !k.startsWith('nvidia.com/')))",
+        message="GPU resources come from spec.sharing, not from a member's resources: remove "
+        "nvidia.com/* from resources",
+        field_path="",
+        check=_no_gpu_keys,
+        reason="FieldValueForbidden",
+    ),
+    Rule(
+        node=ResourceRequirements,
+        cel="!has(self.limits) || !has(self.requests) || self.limits.all(k, !(k in "
+        "self.requests) || quantity(string(self.requests[k])).compareTo("
+        "quantity(string(self.limits[k]))) <= 0)",
+        message="a request is larger than its limit: lower the request or raise the limit",
+        field_path=".requests",
+        check=_requests_within_limits,
+    ),
+    Rule(
+        node=EnvVar,
+        cel="!self.name.startsWith('COTRAIN_') && !self.name.startsWith('CUDA_MPS_') && "
+        "!(self.name in ['CUDA_VISIBLE_DEVICES', 'NVIDIA_VISIBLE_DEVICES'])",
+        message="COTRAIN_*, CUDA_MPS_*, CUDA_VISIBLE_DEVICES and NVIDIA_VISIBLE_DEVICES are set "
+        "by the trainer from the job's spec: rename the variable",
+        field_path=".name",
+        check=_env_allowed,
+        reason="FieldValueForbidden",
+    ),
+    Rule(
+        node=CoTrainJob,
+        cel=f"self.metadata.name.size() <= {MAX_JOB_NAME}",
+        message=f"metadata.name must be at most {MAX_JOB_NAME} characters so that the names of "
+        "the job's pods fit in 63: shorten it",
+        field_path=".metadata.name",
+        check=lambda j: j.metadata.name is None or len(j.metadata.name) <= MAX_JOB_NAME,
+    ),
+)
+
+TRANSITION_RULES: tuple[TransitionRule, ...] = (
+    TransitionRule(
+        node=CoTrainJob,
+        cel="!has(oldSelf.status) || !has(oldSelf.status.startTime) || "
+        "self.spec.members == oldSelf.spec.members",
+        message="spec.members cannot change once the job has started (status.startTime is "
+        "set): delete and recreate the job to change its members",
+        field_path=".spec.members",
+        check=lambda new, old: (
+            old.status is None
+            or old.status.start_time is None
+            or new.spec.members == old.spec.members
+        ),
+    ),
+    TransitionRule(
+        node=CoTrainJob,
+        cel="!has(oldSelf.status) || !has(oldSelf.status.startTime) || "
+        "self.spec.sharing == oldSelf.spec.sharing",
+        message="spec.sharing cannot change once the job has started (status.startTime is "
+        "set): delete and recreate the job to share GPUs differently",
+        field_path=".spec.sharing",
+        check=lambda new, old: (
+            old.status is None
+            or old.status.start_time is None
+            or new.spec.sharing == old.spec.sharing
+        ),
+    ),
+)
+
+
+def cel_validations(node: type[BaseModel]) -> list[dict[str, str]]:
+    """The `x-kubernetes-validations` entries for one schema node, in table order."""
+    entries: list[dict[str, str]] = []
+    for rule in RULES:
+        if rule.node is node and rule.cel is not None:
+            entry = {"rule": rule.cel, "message": rule.message, "reason": rule.reason}
+            # The API server only resolves fieldPath inside the schema; metadata has none.
+            if rule.field_path and not rule.field_path.startswith(".metadata"):
+                entry["fieldPath"] = rule.field_path
+            entries.append(entry)
+    for transition in TRANSITION_RULES:
+        if transition.node is node:
+            entries.append(
+                {
+                    "rule": transition.cel,
+                    "message": transition.message,
+                    "reason": transition.reason,
+                    "fieldPath": transition.field_path,
+                }
+            )
+    return entries
