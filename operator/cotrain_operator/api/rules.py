@@ -145,6 +145,18 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
+        node=CoTrainJobSpec,
+        cel="self.placement.strategy != 'SameGPU' || self.members.all(m, !has(m.image)) || "
+        "self.members.all(m, has(m.image) && m.image == self.members[0].image)",
+        message="with placement SameGPU every member runs in one trainer container: give all "
+        "members the same image, or none (the trainer image), or use strategy PodPerMember",
+        field_path=".members",
+        check=lambda s: (
+            s.placement.strategy != PlacementStrategy.SAME_GPU
+            or len({m.image for m in s.members}) == 1
+        ),
+    ),
+    Rule(
         node=Member,
         cel="!(has(self.steps) && has(self.epochs))",
         message="set either steps or epochs, not both",

@@ -1,0 +1,77 @@
+"""The contract between the operator and the trainer inside a pod.
+
+Owns what the operator puts into a trainer pod and what the trainer reads from it: one JSON
+document, the `PodPlan`, in the environment variable `COTRAIN_POD_PLAN`, plus where to report.
+The operator builds a plan per pod (every member for SameGPU, one for PodPerMember); `cotrain run`
+builds one locally from the job file. Both sides import only this module, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from cotrain_operator.api.models import Member, SharingMode, SuccessPolicy
+
+# Environment of the trainer container.
+ENV_POD_PLAN = "COTRAIN_POD_PLAN"
+# Where the supervisor reports: "kubernetes" (merge-patch the job's status subresource with the
+# pod's service account) or "local" (terminal and a status file).
+ENV_REPORT_MODE = "COTRAIN_REPORT"
+# The service-account directory (token, ca.crt, namespace); the in-cluster default unless a test
+# kubelet points it elsewhere.
+ENV_SERVICEACCOUNT_DIR = "COTRAIN_SERVICEACCOUNT_DIR"
+DEFAULT_SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+# Seconds between two status reports of one member (the final report is always sent).
+ENV_REPORT_INTERVAL = "COTRAIN_REPORT_INTERVAL"
+DEFAULT_REPORT_INTERVAL_SECONDS = 5.0
+
+# Set by the supervisor in each member process.
+ENV_MEMBER = "COTRAIN_MEMBER"  # the member's spec as JSON
+ENV_MEMBER_BUDGET = "COTRAIN_MEMBER_BUDGET"  # the member's MemberBudget as JSON
+ENV_PROGRESS_FILE = "COTRAIN_PROGRESS_FILE"  # where the member appends JSON-lines progress
+ENV_DEVICE_MEMORY_BYTES = "COTRAIN_DEVICE_MEMORY_BYTES"  # total memory of the device, if known
+
+# Exit code of a member process that died of a GPU out-of-memory error it recognised.
+EXIT_GPU_OOM = 75
+# Exit code of the supervisor when its members failed for good (backoff spent, or the success
+# policy can no longer be met): the operator fails the job instead of recreating the pod. Any
+# other non-zero exit (a crash, OOMKilled, eviction) is a pod failure, retried within backoff.
+EXIT_MEMBERS_FAILED = 3
+
+# Member failure reasons the operator and the trainer agree on.
+REASON_COMPLETED = "Completed"
+REASON_ERROR = "Error"
+REASON_GPU_OOM = "GPUOutOfMemory"
+REASON_OOM_KILLED = "OOMKilled"
+REASON_SIGNALED = "Signaled"
+REASON_CO_TENANT_FAULT = "CoTenantFault"
+REASON_BACKOFF_EXCEEDED = "BackoffLimitExceeded"
+REASON_STOPPED = "Stopped"
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class PlannedBudget(_Wire):
+    """One member's GPU share as planned by the operator (or `cotrain run`)."""
+
+    memory_bytes: int | None = Field(default=None, ge=0)
+    compute_percent: int | None = Field(default=None, ge=1, le=100)
+    cpu_threads: int = Field(ge=1)
+
+
+class PodPlan(_Wire):
+    """Everything the trainer in one pod needs to run its members."""
+
+    job: str
+    namespace: str = "default"
+    mode: SharingMode  # resolved: never Auto
+    members: list[Member] = Field(min_length=1)
+    budgets: dict[str, PlannedBudget]
+    device_memory_bytes: int | None = Field(default=None, ge=0)
+    backoff_limit: int = Field(default=3, ge=0)
+    success_policy: SuccessPolicy = SuccessPolicy.ALL_MEMBERS
+    # Restarts already spent per member in earlier pods of this job (the operator's count).
+    restarts: dict[str, int] = Field(default_factory=dict)

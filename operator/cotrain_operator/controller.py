@@ -1,0 +1,209 @@
+"""The controller: watch caches, a work queue keyed by job, and workers that reconcile.
+
+Owns the level-triggered loop in the manner of controller-runtime: kopf's watch events fill
+in-memory caches of jobs, their pods and the GPU nodes (so a reconcile reads nothing from the
+API), and enqueue the job's key; a key is reconciled by one worker at a time, events that arrive
+meanwhile mark it dirty, failures are retried with exponential backoff, and a decision can ask to
+be looked at again later (deadlines, TTLs). Called by `handlers.py`; acts through `k8s.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from cotrain_operator import metrics
+from cotrain_operator.k8s import ConflictError, KubeApi
+from cotrain_operator.reconcile.children import LABEL_JOB
+from cotrain_operator.reconcile.job import TERMINAL, Decision, decide
+from cotrain_operator.sharing import GpuNode, parse_node
+
+log = logging.getLogger(__name__)
+Key = tuple[str, str]  # (namespace, name)
+MAX_BACKOFF_SECONDS = 60.0
+
+
+class Controller:
+    def __init__(self, api: KubeApi, workers: int = 4) -> None:
+        self.api = api
+        self.workers = workers
+        self.jobs: dict[Key, dict[str, Any]] = {}
+        self.pods: dict[Key, dict[str, dict[str, Any]]] = defaultdict(dict)
+        self.nodes: dict[str, GpuNode] = {}
+        self._queue: asyncio.Queue[Key] = asyncio.Queue()
+        self._queued: set[Key] = set()
+        self._active: set[Key] = set()
+        self._dirty: set[Key] = set()
+        self._failures: dict[Key, int] = defaultdict(int)
+        self._timers: dict[Key, asyncio.TimerHandle] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- events -------------------------------------------------------------------------------
+
+    def on_job(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        key = _key(body)
+        if event_type == "DELETED":
+            self.jobs.pop(key, None)
+            self.pods.pop(key, None)
+            self._failures.pop(key, None)
+            timer = self._timers.pop(key, None)
+            if timer:
+                timer.cancel()
+            self._count_phases()
+            return
+        self.jobs[key] = dict(body)
+        self._count_phases()
+        self.enqueue(key)
+
+    def on_pod(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        metadata = body.get("metadata") or {}
+        job_name = (metadata.get("labels") or {}).get(LABEL_JOB)
+        if not job_name:
+            return
+        key = (str(metadata.get("namespace")), str(job_name))
+        if event_type == "DELETED":
+            self.pods[key].pop(str(metadata.get("name")), None)
+        else:
+            self.pods[key][str(metadata.get("name"))] = dict(body)
+        if key in self.jobs:
+            self.enqueue(key)
+
+    def on_node(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        name = str((body.get("metadata") or {}).get("name"))
+        node = None if event_type == "DELETED" else parse_node(body)
+        before = self.nodes.get(name)
+        if node is None:
+            self.nodes.pop(name, None)
+        else:
+            self.nodes[name] = node
+        if node != before:
+            # Capacity changed: jobs still waiting for a place may fit now.
+            for key, job in self.jobs.items():
+                if (job.get("status") or {}).get("phase") in (None, "Pending"):
+                    self.enqueue(key)
+
+    # -- queue --------------------------------------------------------------------------------
+
+    def enqueue(self, key: Key, delay: float = 0.0) -> None:
+        if delay > 0:
+            timer = self._timers.pop(key, None)
+            if timer:
+                timer.cancel()
+            loop = asyncio.get_running_loop()
+            self._timers[key] = loop.call_later(delay, self.enqueue, key)
+            return
+        if key in self._active:
+            self._dirty.add(key)
+            return
+        if key not in self._queued:
+            self._queued.add(key)
+            self._queue.put_nowait(key)
+            metrics.QUEUE_DEPTH.set(self._queue.qsize())
+
+    def start(self) -> None:
+        for index in range(self.workers):
+            self._tasks.append(asyncio.create_task(self._work(), name=f"cotrain-worker-{index}"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for timer in self._timers.values():
+            timer.cancel()
+
+    def idle(self) -> bool:
+        return not self._queued and not self._active
+
+    async def _work(self) -> None:
+        while True:
+            key = await self._queue.get()
+            self._queued.discard(key)
+            metrics.QUEUE_DEPTH.set(self._queue.qsize())
+            self._active.add(key)
+            try:
+                await self._reconcile_and_schedule(key)
+            finally:
+                self._active.discard(key)
+                if key in self._dirty:
+                    self._dirty.discard(key)
+                    self.enqueue(key)
+
+    async def _reconcile_and_schedule(self, key: Key) -> None:
+        started = time.perf_counter()
+        try:
+            decision = await self.reconcile(key)
+        except ConflictError:
+            metrics.RECONCILE_ERRORS.labels("conflict").inc()
+            log.info("%s/%s changed while reconciling; again with the fresh object", *key)
+            self.enqueue(key, delay=0.2)
+            return
+        except ApiException as error:
+            metrics.RECONCILE_ERRORS.labels(f"http{error.status}").inc()
+            self._retry(key, f"API error {error.status} {error.reason}")
+            return
+        except Exception:  # a bug must not take the other jobs down with it
+            metrics.RECONCILE_ERRORS.labels("internal").inc()
+            log.exception("reconciling %s/%s failed", *key)
+            self._retry(key, "internal error")
+            return
+        finally:
+            metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+        self._failures.pop(key, None)
+        if decision is not None and decision.requeue_after is not None:
+            self.enqueue(key, delay=decision.requeue_after)
+
+    def _retry(self, key: Key, why: str) -> None:
+        self._failures[key] += 1
+        delay = min(MAX_BACKOFF_SECONDS, 0.5 * 2 ** (self._failures[key] - 1))
+        log.warning("reconciling %s/%s: %s; retrying in %.1fs", *key, why, delay)
+        self.enqueue(key, delay=delay)
+
+    # -- one reconcile ------------------------------------------------------------------------
+
+    async def reconcile(self, key: Key) -> Decision | None:
+        body = self.jobs.get(key)
+        if body is None:
+            return None
+        pods = list(self.pods.get(key, {}).values())
+        decision = decide(body, pods, list(self.nodes.values()), datetime.now(UTC))
+        namespace, name = key
+        for child in decision.create:
+            created = await self.api.create(child)
+            if created is not None and child["kind"] == "Pod":
+                self.pods[key][child["metadata"]["name"]] = created
+        for pod in decision.delete_pods:
+            await self.api.delete_pod(namespace, pod)
+        if decision.status_patch:
+            patched = await self.api.patch_status(
+                namespace, name, decision.status_patch, body["metadata"].get("resourceVersion")
+            )
+            if patched is not None and self.jobs.get(key) is body:
+                self.jobs[key] = patched
+                self._count_phases()
+        for event in decision.events:
+            await self.api.post_event(body, event.type, event.reason, event.message)
+        if decision.delete_job:
+            await self.api.delete_job(namespace, name, body["metadata"]["uid"])
+        return decision
+
+    def _count_phases(self) -> None:
+        counts: dict[str, int] = defaultdict(int)
+        for job in self.jobs.values():
+            counts[str((job.get("status") or {}).get("phase") or "Pending")] += 1
+        for phase in ("Pending", "Running", "Succeeded", "Failed", "Suspended"):
+            metrics.JOBS.labels(phase).set(counts.get(phase, 0))
+
+    def finished(self, key: Key) -> bool:
+        return (self.jobs.get(key, {}).get("status") or {}).get("phase") in TERMINAL
+
+
+def _key(body: Mapping[str, Any]) -> Key:
+    metadata = body.get("metadata") or {}
+    return str(metadata.get("namespace")), str(metadata.get("name"))

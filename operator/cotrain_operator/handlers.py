@@ -1,0 +1,69 @@
+"""kopf handlers: decorators only, each a one-line call into the controller.
+
+kopf watches CoTrainJobs, the pods labelled with a job, and the nodes; it keeps no state of its
+own on our objects (no finalizers, no progress or diff-base annotations are needed because every
+handler is an event handler feeding the level-triggered controller), and where kopf would store
+anything it does so under our API group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import kopf
+
+from cotrain_operator import metrics
+from cotrain_operator.api.models import GROUP, PLURAL, VERSION
+from cotrain_operator.controller import Controller
+from cotrain_operator.k8s import KubeApi, load_config
+from cotrain_operator.reconcile.children import LABEL_JOB
+
+CONTROLLER_KEY = "controller"
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.peering.standalone = True
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = int(os.environ.get("COTRAIN_WATCH_TIMEOUT", "300"))
+    settings.watching.client_timeout = settings.watching.server_timeout + 30
+    settings.watching.reconnect_backoff = 0.5
+    load_config()
+    controller = Controller(KubeApi(), workers=int(os.environ.get("COTRAIN_WORKERS", "4")))
+    controller.start()
+    memo[CONTROLLER_KEY] = controller
+    port = int(os.environ.get("COTRAIN_METRICS_PORT", "8080"))
+    if port:
+        metrics.serve(port)
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    await memo[CONTROLLER_KEY].stop()
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def job_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    memo[CONTROLLER_KEY].on_job(event.get("type"), event["object"])
+
+
+@kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
+def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    memo[CONTROLLER_KEY].on_pod(event.get("type"), event["object"])
+
+
+@kopf.on.event("", "v1", "nodes")
+def node_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    memo[CONTROLLER_KEY].on_node(event.get("type"), event["object"])
+
+
+@kopf.on.probe(id="queue")
+def queue_probe(memo: kopf.Memo, **_: Any) -> int:
+    return int(metrics.QUEUE_DEPTH._value.get())

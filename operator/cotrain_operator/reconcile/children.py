@@ -1,0 +1,250 @@
+"""Builders of the objects a CoTrainJob owns: its pods and its reporting identity.
+
+Owns the exact shape of every child: deterministic names, our labels, an ownerReference to the
+job, the per-job ServiceAccount + Role (get/patch on this job's status only) + RoleBinding, and
+trainer pods that request their GPU share, carry the PodPlan and meet the Pod Security
+"restricted" profile. Pure functions of the job and the placement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+from cotrain_operator.api.contract import (
+    ENV_POD_PLAN,
+    ENV_REPORT_MODE,
+    PodPlan,
+)
+from cotrain_operator.api.models import API_VERSION, GROUP, KIND, PLURAL, CoTrainJob, SharingMode
+from cotrain_operator.api.quantity import parse_quantity
+from cotrain_operator.reconcile.placement import GroupPlacement, Placement
+
+LABEL_JOB = f"{GROUP}/job"
+LABEL_GROUP = f"{GROUP}/group"
+LABEL_ATTEMPT = f"{GROUP}/attempt"
+ANNOTATION_RESTARTS = f"{GROUP}/restarts"
+MANAGED_BY = "cotrain-operator"
+TRAINER_CONTAINER = "trainer"
+DEFAULT_TRAINER_IMAGE = os.environ.get("COTRAIN_TRAINER_IMAGE", "ghcr.io/cotrain/trainer:0.1.0")
+TRAINER_UID = 1000
+
+
+def job_labels(job_name: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "cotrain",
+        "app.kubernetes.io/component": "trainer",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        LABEL_JOB: job_name,
+    }
+
+
+def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
+    metadata = body["metadata"]
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": metadata["name"],
+        "uid": metadata["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(body: Mapping[str, Any], name: str, **extra: Any) -> dict[str, Any]:
+    job_name = body["metadata"]["name"]
+    return {
+        "name": name,
+        "namespace": body["metadata"]["namespace"],
+        "labels": job_labels(job_name) | extra.pop("labels", {}),
+        "ownerReferences": [owner_reference(body)],
+        **extra,
+    }
+
+
+def service_account_name(job_name: str) -> str:
+    return f"{job_name}-trainer"
+
+
+def build_reporting_identity(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """ServiceAccount, Role and RoleBinding that let the job's pods patch its status only."""
+    job_name = body["metadata"]["name"]
+    name = service_account_name(job_name)
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": _metadata(body, name),
+            "automountServiceAccountToken": True,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": _metadata(body, name),
+            "rules": [
+                {
+                    "apiGroups": [GROUP],
+                    "resources": [f"{PLURAL}/status"],
+                    "resourceNames": [job_name],
+                    "verbs": ["get", "patch"],
+                }
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _metadata(body, name),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [
+                {
+                    "kind": "ServiceAccount",
+                    "name": name,
+                    "namespace": body["metadata"]["namespace"],
+                }
+            ],
+        },
+    ]
+
+
+def pod_name(job_name: str, group: str, attempt: int) -> str:
+    return f"{job_name}-{group}-{attempt}"
+
+
+def _sum_quantities(values: list[str | int]) -> str:
+    total = sum((parse_quantity(v) for v in values), Decimal(0))
+    return format(total.normalize(), "f")
+
+
+def _container_resources(group: GroupPlacement) -> dict[str, dict[str, str]]:
+    requests: dict[str, list[str | int]] = {}
+    limits: dict[str, list[str | int]] = {}
+    for member in group.group.members:
+        for key, value in member.resources.requests.items():
+            requests.setdefault(key, []).append(value)
+        for key, value in member.resources.limits.items():
+            limits.setdefault(key, []).append(value)
+    resources = {
+        "requests": {k: _sum_quantities(v) for k, v in requests.items()},
+        "limits": {k: _sum_quantities(v) for k, v in limits.items()},
+    }
+    # Extended resources are requested by limit; Kubernetes copies it to requests.
+    resources["limits"][group.share.resource] = "1"
+    return resources
+
+
+def _affinity(job: CoTrainJob, group: GroupPlacement) -> dict[str, Any]:
+    affinity: dict[str, Any] = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {
+                        "matchExpressions": [
+                            {
+                                "key": "kubernetes.io/hostname",
+                                "operator": "In",
+                                "values": sorted(group.nodes),
+                            }
+                        ]
+                    }
+                ]
+            }
+        }
+    }
+    if job.spec.placement.same_node:
+        affinity["podAffinity"] = {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "labelSelector": {"matchLabels": {LABEL_JOB: job.metadata.name or ""}},
+                    "topologyKey": "kubernetes.io/hostname",
+                }
+            ]
+        }
+    return affinity
+
+
+def build_pod(
+    body: Mapping[str, Any],
+    job: CoTrainJob,
+    placement: Placement,
+    group: GroupPlacement,
+    attempt: int,
+    restarts: Mapping[str, int],
+) -> dict[str, Any]:
+    """The trainer pod of one group, attempt `attempt`, continuing from `restarts`."""
+    job_name = body["metadata"]["name"]
+    images = {m.image for m in group.group.members if m.image}
+    image = images.pop() if images else DEFAULT_TRAINER_IMAGE
+    plan = PodPlan(
+        job=job_name,
+        namespace=body["metadata"]["namespace"],
+        mode=placement.mode,
+        members=list(group.group.members),
+        budgets=group.budgets,
+        device_memory_bytes=group.share.memory_bytes,
+        backoff_limit=job.spec.run_policy.backoff_limit,
+        success_policy=job.spec.success_policy,
+        restarts={m.name: restarts.get(m.name, 0) for m in group.group.members},
+    )
+    env = [
+        {"name": ENV_POD_PLAN, "value": plan.model_dump_json(by_alias=True, exclude_none=True)},
+        {"name": ENV_REPORT_MODE, "value": "kubernetes"},
+    ]
+    if placement.mode == SharingMode.MPS:
+        # The device plugin's MPS daemon reads the pinned limits from the client's env, so the
+        # trainer sets them per member; this tells the trainer where the pipe lives.
+        env.append({"name": "CUDA_MPS_PIPE_DIRECTORY", "value": "/tmp/nvidia-mps"})
+    container: dict[str, Any] = {
+        "name": TRAINER_CONTAINER,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "env": env,
+        "resources": _container_resources(group),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+        },
+        "volumeMounts": [
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+    }
+    # The supervisor runs every member (built-in or its own command) as a process of its own.
+    container["command"] = ["cotrain", "supervise"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": _metadata(
+            body,
+            pod_name(job_name, group.group.name, attempt),
+            labels={LABEL_GROUP: group.group.name, LABEL_ATTEMPT: str(attempt)},
+            annotations={ANNOTATION_RESTARTS: json.dumps(plan.restarts, sort_keys=True)},
+        ),
+        "spec": {
+            "restartPolicy": "Never",
+            "serviceAccountName": service_account_name(job_name),
+            "automountServiceAccountToken": True,
+            "enableServiceLinks": False,
+            "terminationGracePeriodSeconds": 30,
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": TRAINER_UID,
+                "runAsGroup": TRAINER_UID,
+                "fsGroup": TRAINER_UID,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "affinity": _affinity(job, group),
+            "tolerations": [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+            ],
+            "containers": [container],
+            "volumes": [
+                {"name": "tmp", "emptyDir": {}},
+                {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+            ],
+        },
+    }

@@ -1,0 +1,607 @@
+"""The reconcile decision: (job, its observed pods, the GPU nodes, now) -> what to do.
+
+Owns the controller's logic as one pure function, `decide`: validate the spec (an invalid one ends
+as Failed/InvalidSpec), honour suspend, place the pods, create missing attempts, recreate crashed
+ones within backoffLimit (a CoTenantFault costs the victim nothing), enforce
+activeDeadlineSeconds and the success policy, expire finished jobs after their TTL, and compute
+the status and the Events for every transition. `k8s.py` carries the `Decision` out; running it
+twice on the same observations gives the same objects, so a restarted operator duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from cotrain_operator.api.contract import (
+    EXIT_MEMBERS_FAILED,
+    REASON_BACKOFF_EXCEEDED,
+    REASON_CO_TENANT_FAULT,
+    REASON_COMPLETED,
+    REASON_ERROR,
+    REASON_GPU_OOM,
+    REASON_OOM_KILLED,
+)
+from cotrain_operator.api.models import (
+    CoTrainJob,
+    JobPhase,
+    MemberPhase,
+    MemberStatus,
+    SuccessPolicy,
+)
+from cotrain_operator.api.validation import InvalidJobError, parse_job
+from cotrain_operator.reconcile.children import (
+    ANNOTATION_RESTARTS,
+    LABEL_ATTEMPT,
+    LABEL_GROUP,
+    TRAINER_CONTAINER,
+    build_pod,
+    build_reporting_identity,
+)
+from cotrain_operator.reconcile.placement import (
+    Placement,
+    PodGroup,
+    Unschedulable,
+    place,
+    pod_groups,
+)
+from cotrain_operator.reconcile.status import (
+    CONDITION_TYPES,
+    merge_patch,
+    parse_time,
+    progress_text,
+    read_member_report,
+    rfc3339,
+    set_condition,
+)
+from cotrain_operator.sharing import GpuNode
+
+TERMINAL = (JobPhase.SUCCEEDED.value, JobPhase.FAILED.value)
+# Member reasons that explain a job's failure better than a generic one.
+SPECIFIC_REASONS = (REASON_GPU_OOM, REASON_OOM_KILLED, REASON_BACKOFF_EXCEEDED)
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Decision:
+    """What one reconcile wants done, in order: create, delete, patch status, delete job."""
+
+    create: list[dict[str, Any]] = field(default_factory=list)
+    delete_pods: list[str] = field(default_factory=list)
+    status_patch: dict[str, Any] = field(default_factory=dict)
+    delete_job: bool = False
+    requeue_after: float | None = None
+    events: list[Event] = field(default_factory=list)
+    phase: str | None = None
+
+    def requeue(self, seconds: float) -> None:
+        seconds = max(0.5, seconds)
+        self.requeue_after = (
+            seconds if self.requeue_after is None else min(self.requeue_after, seconds)
+        )
+
+
+@dataclass
+class _GroupState:
+    """What became of one pod group."""
+
+    group: PodGroup
+    pods: list[Mapping[str, Any]]
+    current: Mapping[str, Any] | None = None
+    outcome: str = "Pending"  # Pending | Running | Succeeded | Failed
+    reason: str | None = None
+    message: str | None = None
+    exit_code: int | None = None
+    restarts: dict[str, int] = field(default_factory=dict)
+
+
+def _attempt(pod: Mapping[str, Any]) -> int:
+    try:
+        return int(pod["metadata"]["labels"][LABEL_ATTEMPT])
+    except (KeyError, TypeError, ValueError):
+        return -1
+
+
+def _pod_phase(pod: Mapping[str, Any]) -> str:
+    return str((pod.get("status") or {}).get("phase") or "Pending")
+
+
+def _active(pod: Mapping[str, Any]) -> bool:
+    terminating = (pod.get("metadata") or {}).get("deletionTimestamp")
+    return not terminating and _pod_phase(pod) not in ("Succeeded", "Failed")
+
+
+def _terminated(pod: Mapping[str, Any]) -> tuple[int | None, str | None, str | None]:
+    """(exit code, reason, message) of the trainer container, or the pod's own reason."""
+    status = pod.get("status") or {}
+    for container in status.get("containerStatuses") or []:
+        if container.get("name") != TRAINER_CONTAINER:
+            continue
+        terminated = (container.get("state") or {}).get("terminated") or {}
+        if terminated:
+            code = terminated.get("exitCode")
+            return (
+                code if isinstance(code, int) else None,
+                terminated.get("reason"),
+                terminated.get("message"),
+            )
+    return None, status.get("reason"), status.get("message")
+
+
+def _baseline(pod: Mapping[str, Any]) -> dict[str, int]:
+    raw = ((pod.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_RESTARTS, "{}")
+    try:
+        parsed = json.loads(raw)
+    except (TypeError, ValueError):
+        return {}
+    if not isinstance(parsed, dict):
+        return {}
+    return {str(k): v for k, v in parsed.items() if isinstance(v, int) and v >= 0}
+
+
+def _failed(
+    body: Mapping[str, Any],
+    reason: str,
+    message: str,
+    generation: int | None,
+    now: datetime,
+    pods: Sequence[Mapping[str, Any]],
+) -> Decision:
+    status = dict(body.get("status") or {})
+    decision = Decision(phase=JobPhase.FAILED.value)
+    conditions = list(status.get("conditions") or [])
+    conditions = set_condition(conditions, "Failed", True, reason, message, generation, now)
+    conditions = set_condition(conditions, "Running", False, reason, message, generation, now)
+    desired = {
+        "phase": JobPhase.FAILED.value,
+        "conditions": conditions,
+        "observedGeneration": generation,
+        "completionTime": status.get("completionTime") or rfc3339(now),
+    }
+    decision.status_patch = merge_patch(status, desired)
+    decision.delete_pods = [p["metadata"]["name"] for p in pods if _active(p)]
+    if status.get("phase") != JobPhase.FAILED.value:
+        decision.events.append(Event("Warning", reason, message))
+    return decision
+
+
+def decide(
+    body: Mapping[str, Any],
+    pods: Sequence[Mapping[str, Any]],
+    nodes: Sequence[GpuNode],
+    now: datetime,
+) -> Decision:
+    """Everything the operator should do for one job given what it observes now."""
+    metadata = body.get("metadata") or {}
+    generation = metadata.get("generation")
+    status = dict(body.get("status") or {})
+    phase = status.get("phase")
+
+    if phase in TERMINAL and not _reopened(status, generation):
+        return _finished(body, status, pods, now)
+
+    try:
+        job = parse_job(
+            {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body}
+        )
+    except InvalidJobError as error:
+        message = "the spec is invalid: " + "; ".join(str(v) for v in error.violations)
+        return _failed(body, "InvalidSpec", message, generation, now, pods)
+
+    if job.spec.run_policy.suspend:
+        return _suspended(body, status, pods, generation, now)
+
+    decision = Decision()
+    conditions = list(status.get("conditions") or [])
+    conditions = set_condition(
+        conditions, "Admitted", True, "Admitted", "the job may run", generation, now
+    )
+    conditions = set_condition(
+        conditions, "Suspended", False, "Resumed", "the job is not suspended", generation, now
+    )
+    start_time = parse_time(status.get("startTime"))
+
+    # Deadline first: nothing else matters once it has passed.
+    deadline = job.spec.run_policy.active_deadline_seconds
+    if deadline is not None and start_time is not None:
+        remaining = deadline - (now - start_time).total_seconds()
+        if remaining <= 0:
+            return _failed(
+                body,
+                "DeadlineExceeded",
+                f"the job ran longer than activeDeadlineSeconds={deadline}",
+                generation,
+                now,
+                pods,
+            )
+        decision.requeue(remaining)
+
+    reports = {
+        name: read_member_report(raw)
+        for name, raw in (status.get("members") or {}).items()
+        if name in {m.name for m in job.spec.members}
+    }
+    groups = [_observe(group, pods, reports) for group in pod_groups(job)]
+    for state in groups:
+        if state.outcome == "Crashed":
+            _retry_crashed(body, job, state, reports, nodes, decision)
+    placement: Placement | Unschedulable | None = None
+    if any(g.outcome == "Pending" and g.current is None for g in groups):
+        placement = place(job, list(nodes))
+
+    if isinstance(placement, Unschedulable):
+        conditions = set_condition(
+            conditions, "Schedulable", False, placement.reason, placement.message, generation, now
+        )
+        if not condition_is(status, "Schedulable", False, placement.message):
+            decision.events.append(Event("Warning", placement.reason, placement.message))
+    elif placement is not None:
+        conditions = set_condition(
+            conditions, "Schedulable", True, "Fits", _fit_message(placement), generation, now
+        )
+        _create_missing(body, job, placement, groups, decision)
+
+    member_status = _member_status(job, groups, reports)
+    job_phase, reason, message = _job_phase(job, groups, member_status, placement)
+    started = status.get("startTime") or (rfc3339(now) if decision.create else None)
+    finished = job_phase in TERMINAL
+
+    conditions = set_condition(
+        conditions,
+        "Running",
+        job_phase == JobPhase.RUNNING.value,
+        reason if job_phase != JobPhase.RUNNING.value else "MembersRunning",
+        message,
+        generation,
+        now,
+    )
+    conditions = set_condition(
+        conditions,
+        "Succeeded",
+        job_phase == JobPhase.SUCCEEDED.value,
+        reason if job_phase == JobPhase.SUCCEEDED.value else "NotSucceeded",
+        message if job_phase == JobPhase.SUCCEEDED.value else "the job has not succeeded",
+        generation,
+        now,
+    )
+    conditions = set_condition(
+        conditions,
+        "Failed",
+        job_phase == JobPhase.FAILED.value,
+        reason if job_phase == JobPhase.FAILED.value else "NotFailed",
+        message if job_phase == JobPhase.FAILED.value else "the job has not failed",
+        generation,
+        now,
+    )
+    desired: dict[str, Any] = {
+        "phase": job_phase,
+        "conditions": conditions,
+        "observedGeneration": generation,
+        "startTime": started,
+        # A job reopened after an InvalidSpec failure starts its clock afresh.
+        "completionTime": (rfc3339(now) if finished else None)
+        if phase in TERMINAL
+        else status.get("completionTime") or (rfc3339(now) if finished else None),
+        "readyMembers": _ready(member_status, len(job.spec.members)),
+        "progress": progress_text(reports),
+        "members": member_status,
+    }
+    if isinstance(placement, Placement):
+        desired["sharing"] = _sharing_status(placement, pods)
+    elif (node := _bound_node(pods)) is not None:
+        desired["sharing"] = {"node": node}
+    decision.status_patch = merge_patch(status, desired)
+    decision.phase = job_phase
+    if finished:
+        decision.delete_pods = [p["metadata"]["name"] for p in pods if _active(p)]
+    if job_phase != phase:
+        kind = "Warning" if job_phase == JobPhase.FAILED.value else "Normal"
+        decision.events.append(Event(kind, job_phase, message))
+    return decision
+
+
+def condition_is(status: Mapping[str, Any], kind: str, value: bool, message: str) -> bool:
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == kind:
+            return bool(
+                condition.get("status") == ("True" if value else "False")
+                and condition.get("message") == message
+            )
+    return False
+
+
+def _reopened(status: Mapping[str, Any], generation: int | None) -> bool:
+    """An InvalidSpec failure is retried once the spec changes; any other end is final."""
+    failed = next((c for c in status.get("conditions") or [] if c.get("type") == "Failed"), None)
+    return bool(
+        failed
+        and failed.get("reason") == "InvalidSpec"
+        and generation is not None
+        and status.get("observedGeneration") != generation
+    )
+
+
+def _finished(
+    body: Mapping[str, Any],
+    status: Mapping[str, Any],
+    pods: Sequence[Mapping[str, Any]],
+    now: datetime,
+) -> Decision:
+    decision = Decision(phase=str(status.get("phase")))
+    decision.delete_pods = [p["metadata"]["name"] for p in pods if _active(p)]
+    ttl = ((body.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+    completed = parse_time(status.get("completionTime"))
+    if isinstance(ttl, int) and completed is not None:
+        remaining = ttl - (now - completed).total_seconds()
+        if remaining <= 0:
+            decision.delete_job = True
+        else:
+            decision.requeue(remaining)
+    return decision
+
+
+def _suspended(
+    body: Mapping[str, Any],
+    status: Mapping[str, Any],
+    pods: Sequence[Mapping[str, Any]],
+    generation: int | None,
+    now: datetime,
+) -> Decision:
+    decision = Decision(phase=JobPhase.SUSPENDED.value)
+    message = "spec.runPolicy.suspend is true: the job has no pods until it is cleared"
+    conditions = list(status.get("conditions") or [])
+    conditions = set_condition(conditions, "Admitted", False, "Suspended", message, generation, now)
+    conditions = set_condition(conditions, "Running", False, "Suspended", message, generation, now)
+    conditions = set_condition(conditions, "Suspended", True, "Suspended", message, generation, now)
+    desired = {
+        "phase": JobPhase.SUSPENDED.value,
+        "conditions": conditions,
+        "observedGeneration": generation,
+        # As for a batch/v1 Job: the clock (and the immutability of members) restarts on resume.
+        "startTime": None,
+        "readyMembers": None,
+    }
+    decision.status_patch = merge_patch(status, desired)
+    decision.delete_pods = [p["metadata"]["name"] for p in pods if _active(p)]
+    if status.get("phase") != JobPhase.SUSPENDED.value:
+        decision.events.append(Event("Normal", "Suspended", message))
+    return decision
+
+
+def _observe(
+    group: PodGroup, pods: Sequence[Mapping[str, Any]], reports: Mapping[str, MemberStatus]
+) -> _GroupState:
+    mine = sorted(
+        (p for p in pods if (p["metadata"].get("labels") or {}).get(LABEL_GROUP) == group.name),
+        key=_attempt,
+    )
+    mine = [p for p in mine if _attempt(p) >= 0]
+    state = _GroupState(group, mine)
+    live = [p for p in mine if not (p["metadata"].get("deletionTimestamp"))]
+    state.current = live[-1] if live else None
+    baseline = _baseline(state.current) if state.current else {}
+    state.restarts = {
+        m.name: max(baseline.get(m.name, 0), reports.get(m.name, MemberStatus()).restarts)
+        for m in group.members
+    }
+    if state.current is None:
+        state.outcome = "Pending"
+        return state
+    phase = _pod_phase(state.current)
+    if phase in ("Pending", "Running", "Unknown"):
+        state.outcome = "Running" if phase == "Running" else "Pending"
+        return state
+    code, reason, message = _terminated(state.current)
+    state.exit_code, state.message = code, message
+    if phase == "Succeeded":
+        state.outcome, state.reason = "Succeeded", REASON_COMPLETED
+    elif code == EXIT_MEMBERS_FAILED:
+        state.outcome, state.reason = "Failed", "MembersFailed"
+    else:
+        state.outcome, state.reason = "Crashed", reason or REASON_ERROR
+    return state
+
+
+def _create_missing(
+    body: Mapping[str, Any],
+    job: CoTrainJob,
+    placement: Placement,
+    groups: list[_GroupState],
+    decision: Decision,
+) -> None:
+    by_name = {g.group.name: g for g in placement.groups}
+    creates = []
+    for state in groups:
+        if state.current is None and state.outcome == "Pending":
+            attempt = (_attempt(state.pods[-1]) + 1) if state.pods else 0
+            creates.append(
+                build_pod(body, job, placement, by_name[state.group.name], attempt, state.restarts)
+            )
+    if creates:
+        decision.create.extend(build_reporting_identity(body))
+        decision.create.extend(creates)
+
+
+def _retry_crashed(
+    body: Mapping[str, Any],
+    job: CoTrainJob,
+    state: _GroupState,
+    reports: Mapping[str, MemberStatus],
+    nodes: Sequence[GpuNode],
+    decision: Decision,
+) -> None:
+    """Recreate a crashed pod group within backoffLimit; a co-tenant's fault costs nothing."""
+    limit = job.spec.run_policy.backoff_limit
+    next_restarts = {}
+    for member in state.group.members:
+        victim = reports.get(member.name, MemberStatus()).reason == REASON_CO_TENANT_FAULT
+        next_restarts[member.name] = state.restarts[member.name] + (0 if victim else 1)
+    exhausted = [name for name, count in next_restarts.items() if count > limit]
+    if exhausted:
+        last = state.reason or REASON_ERROR
+        state.outcome, state.reason = "Failed", REASON_BACKOFF_EXCEEDED
+        state.message = (
+            f"member(s) {', '.join(exhausted)} crashed more than backoffLimit={limit} times; "
+            f"last: {last}"
+        )
+        return
+    placement = place(job, list(nodes))
+    if isinstance(placement, Unschedulable):
+        state.outcome = "Pending"
+        return
+    group = next(g for g in placement.groups if g.group.name == state.group.name)
+    attempt = _attempt(state.current or {}) + 1
+    decision.create.extend(build_reporting_identity(body))
+    decision.create.append(build_pod(body, job, placement, group, attempt, next_restarts))
+    decision.events.append(
+        Event(
+            "Warning",
+            "RestartingMembers",
+            f"pod group {state.group.name} ended ({state.reason}, exit code {state.exit_code}); "
+            f"attempt {attempt} with restarts {next_restarts}",
+        )
+    )
+    state.restarts = next_restarts
+    state.outcome = "Pending"
+
+
+def _member_status(
+    job: CoTrainJob, groups: list[_GroupState], reports: Mapping[str, MemberStatus]
+) -> dict[str, dict[str, Any]]:
+    result: dict[str, dict[str, Any]] = {}
+    for state in groups:
+        for member in state.group.members:
+            report = reports.get(member.name, MemberStatus())
+            reported = report.phase.value if report.phase else None
+            entry: dict[str, Any] = {"restarts": state.restarts.get(member.name, 0)}
+            if state.outcome == "Pending":
+                # No trainer runs for this member now: what an earlier attempt reported about
+                # how it ended no longer holds.
+                entry.update(phase=MemberPhase.PENDING.value, reason=None, message=None)
+                entry["exitCode"] = None
+            elif state.outcome == "Running":
+                live = reported not in (None, MemberPhase.PENDING.value)
+                entry["phase"] = reported if live else MemberPhase.RUNNING.value
+            elif state.outcome == "Succeeded":
+                entry["phase"] = (
+                    reported
+                    if reported in (MemberPhase.SUCCEEDED.value, MemberPhase.FAILED.value)
+                    else MemberPhase.SUCCEEDED.value
+                )
+            else:  # Failed for good
+                entry["phase"] = (
+                    reported
+                    if reported in (MemberPhase.SUCCEEDED.value, MemberPhase.FAILED.value)
+                    else MemberPhase.FAILED.value
+                )
+                if entry["phase"] == MemberPhase.FAILED.value:
+                    entry["reason"] = (
+                        report.reason
+                        if report.reason and state.reason == "MembersFailed"
+                        else state.reason
+                    )
+                    if state.message:
+                        entry["message"] = state.message[:4096]
+                    if state.exit_code is not None:
+                        entry["exitCode"] = report.exit_code or state.exit_code
+            result[member.name] = entry
+    return result
+
+
+def _job_phase(
+    job: CoTrainJob,
+    groups: list[_GroupState],
+    members: Mapping[str, Mapping[str, Any]],
+    placement: Placement | Unschedulable | None,
+) -> tuple[str, str, str]:
+    phases = {name: entry.get("phase") for name, entry in members.items()}
+    succeeded = [n for n, p in phases.items() if p == MemberPhase.SUCCEEDED.value]
+    failed = [n for n, p in phases.items() if p == MemberPhase.FAILED.value]
+    total = len(job.spec.members)
+    if job.spec.success_policy == SuccessPolicy.ANY_MEMBER:
+        if succeeded:
+            return JobPhase.SUCCEEDED.value, "MemberSucceeded", f"member {succeeded[0]} succeeded"
+        if len(failed) == total:
+            return JobPhase.FAILED.value, *_failure(failed, members)
+    else:
+        if failed:
+            return JobPhase.FAILED.value, *_failure(failed, members)
+        if len(succeeded) == total:
+            return JobPhase.SUCCEEDED.value, "AllMembersSucceeded", "every member succeeded"
+    if any(g.outcome == "Running" for g in groups):
+        running = [n for n, p in phases.items() if p == MemberPhase.RUNNING.value]
+        return JobPhase.RUNNING.value, "MembersRunning", f"running: {', '.join(running) or '-'}"
+    if isinstance(placement, Unschedulable):
+        return JobPhase.PENDING.value, placement.reason, placement.message
+    return JobPhase.PENDING.value, "PodsPending", "waiting for the job's pods to start"
+
+
+def _failure(failed: list[str], members: Mapping[str, Mapping[str, Any]]) -> tuple[str, str]:
+    first = members[failed[0]]
+    reason = str(first.get("reason") or REASON_ERROR)
+    detail = f"member {failed[0]} failed: {reason}"
+    if first.get("exitCode") is not None:
+        detail += f" (exit code {first['exitCode']})"
+    if first.get("message"):
+        detail += f": {first['message']}"
+    return (reason if reason in SPECIFIC_REASONS else "MemberFailed"), detail
+
+
+def _ready(members: Mapping[str, Mapping[str, Any]], total: int) -> str:
+    ready = sum(
+        1
+        for entry in members.values()
+        if entry.get("phase") in (MemberPhase.RUNNING.value, MemberPhase.SUCCEEDED.value)
+    )
+    return f"{ready}/{total}"
+
+
+def _bound_node(pods: Sequence[Mapping[str, Any]]) -> str | None:
+    for pod in sorted(pods, key=_attempt, reverse=True):
+        node = (pod.get("spec") or {}).get("nodeName")
+        if node:
+            return str(node)
+    return None
+
+
+def _sharing_status(placement: Placement, pods: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    budget: dict[str, dict[str, int]] = {}
+    for group in placement.groups:
+        for name, planned in group.budgets.items():
+            entry = {}
+            if planned.memory_bytes is not None:
+                entry["memoryBytes"] = planned.memory_bytes
+            if planned.compute_percent is not None:
+                entry["computePercent"] = planned.compute_percent
+            budget[name] = entry
+    first = placement.groups[0]
+    return {
+        "mode": placement.mode.value,
+        "resource": first.share.resource,
+        "node": _bound_node(pods) or first.share.node,
+        "gpuProduct": placement.gpu_product,
+        "budget": budget,
+    }
+
+
+def _fit_message(placement: Placement) -> str:
+    parts = []
+    for group in placement.groups:
+        memory = group.share.memory_bytes
+        size = f"{memory // 2**20}MiB" if memory is not None else "unknown memory"
+        parts.append(
+            f"pod {group.group.name}: {group.share.resource} ({size}) on {', '.join(group.nodes)}"
+        )
+    return f"{placement.mode.value}: " + "; ".join(parts)
+
+
+__all__ = ["CONDITION_TYPES", "Decision", "Event", "decide"]

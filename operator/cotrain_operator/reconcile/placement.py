@@ -1,0 +1,196 @@
+"""Placement: which pods a job needs, which nodes can hold them, and each member's GPU budget.
+
+Owns grouping members into pods (SameGPU: one pod; PodPerMember: one per member), resolving
+`mode: Auto`, asking each sharing mode what every node can give one pod, and splitting that share
+into per-member budgets (explicit `gpu.memory` first, the rest in equal parts). A job that fits
+nowhere gets an `Unschedulable` that names the node facts, before any pod exists. Pure.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from cotrain_operator.api.contract import PlannedBudget
+from cotrain_operator.api.models import CoTrainJob, Member, PlacementStrategy, SharingMode
+from cotrain_operator.api.quantity import quantity_bytes
+from cotrain_operator.sharing import GpuNode, Refusal, Share, auto_mode, strategy
+
+MIB = 2**20
+SAME_GPU_GROUP = "gpu"
+# CPU threads a member gets when neither cpuThreads nor a cpu limit says otherwise.
+DEFAULT_CPU_THREADS = int(os.environ.get("COTRAIN_DEFAULT_CPU_THREADS", "2"))
+
+
+@dataclass(frozen=True)
+class PodGroup:
+    """Members that run in one pod and share its one GPU share."""
+
+    name: str  # "gpu" for SameGPU, the member's name for PodPerMember
+    members: tuple[Member, ...]
+
+    @property
+    def demand_bytes(self) -> int:
+        """GPU memory the members ask for explicitly."""
+        return sum(quantity_bytes(m.gpu.memory) for m in self.members if m.gpu.memory is not None)
+
+
+@dataclass(frozen=True)
+class GroupPlacement:
+    """Where one pod group may run and what each of its members gets."""
+
+    group: PodGroup
+    share: Share  # the share on the first fitting node (the budget holds on all of them)
+    nodes: tuple[str, ...]  # hostnames of every node that fits
+    budgets: dict[str, PlannedBudget]
+
+
+@dataclass(frozen=True)
+class Placement:
+    mode: SharingMode
+    groups: tuple[GroupPlacement, ...]
+    gpu_product: str | None
+
+
+@dataclass(frozen=True)
+class Unschedulable:
+    reason: str
+    message: str
+    refusals: tuple[Refusal, ...] = field(default=())
+
+
+def pod_groups(job: CoTrainJob) -> tuple[PodGroup, ...]:
+    members = tuple(job.spec.members)
+    if job.spec.placement.strategy == PlacementStrategy.SAME_GPU:
+        return (PodGroup(SAME_GPU_GROUP, members),)
+    return tuple(PodGroup(m.name, (m,)) for m in members)
+
+
+def cpu_threads(member: Member, sharing_members: int) -> int:
+    """Intra-op threads: explicit, else the cpu limit, else a fair part of the default."""
+    if member.cpu_threads is not None:
+        return member.cpu_threads
+    limit = member.resources.limits.get("cpu")
+    if limit is not None:
+        return max(1, int(quantity_bytes(limit)))
+    return max(1, DEFAULT_CPU_THREADS // max(1, sharing_members))
+
+
+def member_budgets(group: PodGroup, share_bytes: int | None) -> dict[str, PlannedBudget]:
+    """Explicit gpu.memory caps as asked; the rest of the share split equally among the others."""
+    unset = [m for m in group.members if m.gpu.memory is None]
+    rest = None
+    if share_bytes is not None and unset:
+        rest = max(0, share_bytes - group.demand_bytes) // len(unset)
+    budgets = {}
+    for member in group.members:
+        memory = quantity_bytes(member.gpu.memory) if member.gpu.memory is not None else rest
+        budgets[member.name] = PlannedBudget(
+            memory_bytes=memory,
+            compute_percent=member.gpu.compute_percent,
+            cpu_threads=cpu_threads(member, len(group.members)),
+        )
+    return budgets
+
+
+def _offer(job: CoTrainJob, mode: SharingMode, node: GpuNode, demand: int) -> Share | Refusal:
+    offer = strategy(mode).offer(node, job.spec.sharing, demand)
+    if isinstance(offer, Share) and offer.memory_bytes is not None and demand > offer.memory_bytes:
+        return Refusal(
+            node.name,
+            f"{node.facts()}: a {mode.value} share holds {offer.memory_bytes // MIB}MiB, "
+            f"less than the {demand // MIB}MiB the members ask for",
+        )
+    return offer
+
+
+def _selected(job: CoTrainJob, node: GpuNode) -> bool:
+    selector = job.spec.placement.node_selector
+    return node.schedulable and all(node.labels.get(k) == v for k, v in selector.items())
+
+
+def place(job: CoTrainJob, nodes: list[GpuNode]) -> Placement | Unschedulable:
+    """Fit every pod group of `job` on the GPU nodes, or say why it cannot fit anywhere."""
+    groups = pod_groups(job)
+    candidates = sorted((n for n in nodes if _selected(job, n)), key=lambda n: n.name)
+    if not candidates:
+        selector = job.spec.placement.node_selector
+        where = f" matching nodeSelector {selector}" if selector else ""
+        return Unschedulable("NoGPUNodes", f"no ready node{where} offers an NVIDIA GPU")
+    requested = job.spec.sharing.mode
+    if requested == SharingMode.AUTO:
+        wants_mps = any(m.gpu.compute_percent is not None for m in job.spec.members)
+        modes = [SharingMode.MPS] if wants_mps else []
+        for node in candidates:
+            mode = auto_mode(node)
+            if mode not in modes:
+                modes.append(mode)
+    else:
+        modes = [requested]
+    refusals: list[Refusal] = []
+    for mode in modes:
+        placed = _place_mode(job, groups, mode, candidates, refusals)
+        if placed is not None:
+            return placed
+    facts = "; ".join(r.reason for r in refusals)
+    tried = "/".join(m.value for m in modes)
+    return Unschedulable(
+        "NoNodeFits",
+        f"no node can hold the job's {len(groups)} pod(s) in mode {tried}: {facts}",
+        tuple(refusals),
+    )
+
+
+def _place_mode(
+    job: CoTrainJob,
+    groups: tuple[PodGroup, ...],
+    mode: SharingMode,
+    candidates: list[GpuNode],
+    refusals: list[Refusal],
+) -> Placement | None:
+    fits: dict[str, list[tuple[GpuNode, Share]]] = {}
+    for group in groups:
+        fits[group.name] = []
+        for node in candidates:
+            offer = _offer(job, mode, node, group.demand_bytes)
+            if isinstance(offer, Share):
+                fits[group.name].append((node, offer))
+            elif offer not in refusals:
+                refusals.append(offer)
+    if job.spec.placement.same_node:
+        common = set.intersection(*({n.name for n, _ in f} for f in fits.values()))
+        roomy = (
+            {
+                name
+                for name in common
+                if next(n for n in candidates if n.name == name).offers(
+                    fits[groups[0].name][0][1].resource
+                )
+                >= len(groups)
+            }
+            if common
+            else set()
+        )
+        if not roomy:
+            refusals.append(Refusal("*", f"no single node holds all {len(groups)} member pods"))
+            return None
+        fits = {g: [(n, s) for n, s in f if n.name in roomy] for g, f in fits.items()}
+    if not all(fits.values()):
+        return None
+    placements = []
+    for group in groups:
+        _, first_share = fits[group.name][0]
+        # Keep the nodes that give the same kind of share, and budget for the smallest of them.
+        same_kind = [(n, s) for n, s in fits[group.name] if s.resource == first_share.resource]
+        sizes = [s.memory_bytes for _, s in same_kind if s.memory_bytes is not None]
+        budget_bytes = min(sizes) if sizes else None
+        placements.append(
+            GroupPlacement(
+                group=group,
+                share=first_share,
+                nodes=tuple(n.hostname for n, _ in same_kind),
+                budgets=member_budgets(group, budget_bytes),
+            )
+        )
+    product = next(n.product for n, _ in fits[groups[0].name])
+    return Placement(mode, tuple(placements), product)

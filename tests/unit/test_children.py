@@ -1,0 +1,117 @@
+"""The objects a job owns: names, labels, owner references, least privilege, restricted pods."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.fixtures.cluster_state import ClusterState
+from tests.fixtures.jobs import a_job
+from tests.fixtures.nodes import gpu_node
+
+MODES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+    ("Exclusive", {}, gpu_node("n")),
+    ("TimeSlicing", {}, gpu_node("n", sharing="time-slicing", replicas=4, renamed=True)),
+    ("MPS", {}, gpu_node("n", sharing="mps", replicas=2)),
+    ("MIG", {"migProfile": "1g.10gb"}, gpu_node("n", mig={"1g.10gb": (7, 9984)})),
+]
+
+
+def children(mode: str, extra: dict[str, Any], node: dict[str, Any], strategy: str) -> ClusterState:
+    builder = a_job("job").sharing(mode=mode, **extra).placement(strategy=strategy)
+    cluster = ClusterState(builder.build(), node)
+    cluster.settle()
+    return cluster
+
+
+@pytest.mark.parametrize(("mode", "extra", "node"), MODES, ids=[m[0] for m in MODES])
+@pytest.mark.parametrize("strategy", ["SameGPU", "PodPerMember"])
+def test_pods_meet_the_restricted_profile_and_request_their_share(
+    mode: str, extra: dict[str, Any], node: dict[str, Any], strategy: str
+) -> None:
+    cluster = children(mode, extra, node, strategy)
+    expected = {
+        "Exclusive": "nvidia.com/gpu",
+        "TimeSlicing": "nvidia.com/gpu.shared",
+        "MPS": "nvidia.com/gpu",
+        "MIG": "nvidia.com/mig-1g.10gb",
+    }[mode]
+    assert len(cluster.pods) == (1 if strategy == "SameGPU" else 2)
+    for pod in cluster.pods.values():
+        spec = pod["spec"]
+        container = spec["containers"][0]
+        assert container["resources"]["limits"][expected] == "1"
+        assert spec["restartPolicy"] == "Never"
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        security = container["securityContext"]
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"] == {"drop": ["ALL"]}
+        assert security["runAsNonRoot"] is True
+        assert spec["serviceAccountName"] == "job-trainer"
+        terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert terms["nodeSelectorTerms"][0]["matchExpressions"][0]["values"] == ["n"]
+        env = {e["name"] for e in container["env"]}
+        assert "COTRAIN_POD_PLAN" in env
+        assert ("CUDA_MPS_PIPE_DIRECTORY" in env) == (mode == "MPS")
+
+
+def test_every_child_is_owned_labelled_and_deterministically_named() -> None:
+    cluster = children("TimeSlicing", {}, MODES[1][2], "SameGPU")
+    objects = [*cluster.pods.values(), *cluster.others.values()]
+    assert sorted(o["metadata"]["name"] for o in objects) == [
+        "job-gpu-0",
+        "job-trainer",
+        "job-trainer",
+        "job-trainer",
+    ]
+    for item in objects:
+        metadata = item["metadata"]
+        assert metadata["labels"]["cotrain.dev/job"] == "job"
+        assert metadata["labels"]["app.kubernetes.io/managed-by"] == "cotrain-operator"
+        (owner,) = metadata["ownerReferences"]
+        assert owner["kind"] == "CoTrainJob"
+        assert owner["uid"] == "uid-1"
+        assert owner["controller"] is True
+
+
+def test_the_trainer_role_can_only_patch_its_own_job_status() -> None:
+    cluster = children("TimeSlicing", {}, MODES[1][2], "SameGPU")
+    role = cluster.others[("Role", "job-trainer")]
+    assert role["rules"] == [
+        {
+            "apiGroups": ["cotrain.dev"],
+            "resources": ["cotrainjobs/status"],
+            "resourceNames": ["job"],
+            "verbs": ["get", "patch"],
+        }
+    ]
+    binding = cluster.others[("RoleBinding", "job-trainer")]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "job-trainer", "namespace": "default"}
+    ]
+
+
+def test_same_node_pods_get_pod_affinity() -> None:
+    builder = (
+        a_job("job").sharing(mode="Exclusive").placement(strategy="PodPerMember", sameNode=True)
+    )
+    cluster = ClusterState(builder.build(), gpu_node("n", count=2))
+    cluster.settle()
+    for pod in cluster.pods.values():
+        affinity = pod["spec"]["affinity"]["podAffinity"]
+        term = affinity["requiredDuringSchedulingIgnoredDuringExecution"][0]
+        assert term["labelSelector"] == {"matchLabels": {"cotrain.dev/job": "job"}}
+
+
+def test_member_resources_add_up_in_the_shared_pod() -> None:
+    builder = (
+        a_job("job")
+        .member(0, resources={"requests": {"cpu": "1", "memory": "1Gi"}})
+        .member(1, resources={"requests": {"cpu": "500m", "memory": "512Mi"}})
+    )
+    cluster = ClusterState(builder.build(), MODES[1][2])
+    cluster.settle()
+    resources = cluster.pods["job-gpu-0"]["spec"]["containers"][0]["resources"]
+    assert resources["requests"] == {"cpu": "1.5", "memory": str(1536 * 2**20)}
