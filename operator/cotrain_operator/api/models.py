@@ -140,13 +140,13 @@ class ResourceRequirements(_Model):
 
     requests: dict[str, Quantity] = Field(
         default_factory=dict,
-        max_length=16,
+        max_length=8,
         description="Minimum resources, e.g. {cpu: '1', memory: 2Gi}. Do not list nvidia.com/* "
         "resources: the operator requests the GPU share from spec.sharing.",
     )
     limits: dict[str, Quantity] = Field(
         default_factory=dict,
-        max_length=16,
+        max_length=8,
         description="Maximum resources, e.g. {cpu: '2', memory: 4Gi}. A cpu limit also caps the "
         "member's framework threads.",
     )

@@ -37,6 +37,7 @@ _DECIMAL = {
     "E": Decimal(10**18),
 }
 
+MAX_QUANTITY_LENGTH = 32
 QUANTITY_HINT = "use a Kubernetes quantity such as 8Gi, 512Mi or 2"
 
 
@@ -47,7 +48,7 @@ def parse_quantity(value: str | int | float) -> Decimal:
     if isinstance(value, int | float):
         return Decimal(str(value))
     text = value.strip()
-    if not _QUANTITY_RE.match(text):
+    if len(text) > MAX_QUANTITY_LENGTH or not _QUANTITY_RE.match(text):
         raise ValueError(f"{value!r} is not a quantity; {QUANTITY_HINT}")
     match = _SUFFIX_RE.match(text)
     assert match is not None  # the pattern above already matched
@@ -113,6 +114,8 @@ class _QuantityAnnotation:
         return {
             "anyOf": [{"type": "integer"}, {"type": "string"}],
             "pattern": QUANTITY_PATTERN,
+            # Bounds the cost the API server estimates for CEL rules over quantities.
+            "maxLength": MAX_QUANTITY_LENGTH,
             "x-kubernetes-int-or-string": True,
         }
 

@@ -36,6 +36,10 @@ RESERVED_ENV_NAMES = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES")
 GPU_RESOURCE_PREFIX = "nvidia.com/"
 
 
+# CEL rules also run against the schema's own defaults (e.g. `placement: {}`) when the CRD is
+# created, before nested defaults are filled in, so every rule guards optional keys with has().
+
+
 @dataclass(frozen=True)
 class Rule:
     """One cross-field rule on the schema node of `node` (a model class)."""
@@ -99,7 +103,7 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         node=Sharing,
-        cel="self.mode != 'MIG' || has(self.migProfile)",
+        cel="!has(self.mode) || self.mode != 'MIG' || has(self.migProfile)",
         message="mode MIG needs the slice to request: set spec.sharing.migProfile, e.g. 1g.10gb",
         field_path=".migProfile",
         check=lambda s: s.mode != SharingMode.MIG or s.mig_profile is not None,
@@ -107,7 +111,7 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         node=Placement,
-        cel="!self.sameNode || self.strategy == 'PodPerMember'",
+        cel="!has(self.sameNode) || !self.sameNode || self.strategy == 'PodPerMember'",
         message="sameNode applies only to strategy PodPerMember (SameGPU already runs every "
         "member in one pod): remove sameNode or set strategy to PodPerMember",
         field_path=".sameNode",

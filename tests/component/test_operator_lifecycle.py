@@ -1,0 +1,205 @@
+"""The real operator against the real API server: pods per mode, lifecycle, policy, status."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pytest
+
+from tests.fixtures.jobs import JobBuilder
+from tests.fixtures.kube import Kube, wait_for
+from tests.fixtures.operator_process import OperatorProcess
+
+pytestmark = pytest.mark.usefixtures("operator")
+
+
+def test_same_gpu_job_gets_one_pod_and_its_reporting_identity(
+    kube: Kube, namespace: str, make_node: Callable[..., str], job: Callable[[str], JobBuilder]
+) -> None:
+    node = make_node(sharing="time-slicing", replicas=4, renamed=True)
+    kube.create_job(namespace, job("demo").sharing(mode="TimeSlicing").build())
+    names = wait_for("the pod", lambda: kube.pod_names(namespace, "demo"))
+    assert names == ["demo-gpu-0"]
+    pod = kube.pods(namespace, "demo")[0]
+    limits = pod["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu.shared"] == "1"
+    assert pod["metadata"]["ownerReferences"][0]["kind"] == "CoTrainJob"
+    status = kube.wait_phase(namespace, "demo", "Pending")
+    assert status["sharing"]["mode"] == "TimeSlicing"
+    assert status["sharing"]["resource"] == "nvidia.com/gpu.shared"
+    assert kube.core.read_namespaced_service_account("demo-trainer", namespace)
+
+    kube.run_pod(namespace, "demo-gpu-0", node)
+    status = kube.wait_phase(namespace, "demo", "Running")
+    assert status["readyMembers"] == "2/2"
+    assert status["sharing"]["node"] == node
+
+
+def test_trainer_reports_merge_into_status_and_the_job_succeeds(
+    kube: Kube, namespace: str, make_node: Callable[..., str], job: Callable[[str], JobBuilder]
+) -> None:
+    node = make_node(sharing="time-slicing", replicas=2)
+    kube.create_job(namespace, job("demo").build())
+    wait_for("the pod", lambda: kube.pod_names(namespace, "demo"))
+    kube.run_pod(namespace, "demo-gpu-0", node)
+    kube.wait_phase(namespace, "demo", "Running")
+    # What the trainer's reporter sends: each member merge-patches only its own key.
+    kube.patch_job_status(
+        namespace,
+        "demo",
+        {
+            "members": {
+                "torch": {
+                    "phase": "Running",
+                    "step": 10,
+                    "totalSteps": 20,
+                    "loss": 0.4,
+                    "samplesPerSecond": 900.0,
+                }
+            }
+        },
+    )
+    kube.patch_job_status(
+        namespace,
+        "demo",
+        {"members": {"tf": {"phase": "Running", "step": 20, "totalSteps": 20, "loss": 0.3}}},
+    )
+    status = wait_for(
+        "progress", lambda: (s := kube.job_status(namespace, "demo")).get("progress") == "75%" and s
+    )
+    assert status["members"]["torch"]["samplesPerSecond"] == 900.0
+    assert status["members"]["tf"]["loss"] == 0.3
+    kube.patch_job_status(
+        namespace,
+        "demo",
+        {"members": {"torch": {"phase": "Succeeded", "step": 20}, "tf": {"phase": "Succeeded"}}},
+    )
+    kube.set_pod_phase(namespace, "demo-gpu-0", "Succeeded", 0)
+    status = kube.wait_phase(namespace, "demo", "Succeeded")
+    assert status["completionTime"]
+    succeeded = kube.condition(namespace, "demo", "Succeeded")
+    assert succeeded is not None
+    assert succeeded["status"] == "True"
+    assert succeeded["observedGeneration"] == 1
+
+
+def test_job_that_cannot_fit_is_unschedulable_without_pods(
+    kube: Kube, namespace: str, make_node: Callable[..., str], job: Callable[[str], JobBuilder]
+) -> None:
+    make_node(sharing="time-slicing", replicas=4, memory_mib=16384)
+    kube.create_job(namespace, job("big").gpu(0, memory="8Gi").build())
+    condition = wait_for(
+        "Schedulable=False",
+        lambda: (
+            (c := kube.condition(namespace, "big", "Schedulable")) and c["status"] == "False" and c
+        ),
+    )
+    assert condition["reason"] == "NoNodeFits"
+    assert "4096MiB, less than the 8192MiB" in condition["message"]
+    assert kube.pod_names(namespace, "big") == []
+
+
+def test_member_failure_restarts_within_backoff_then_fails(
+    kube: Kube, namespace: str, make_node: Callable[..., str], job: Callable[[str], JobBuilder]
+) -> None:
+    node = make_node(sharing="time-slicing", replicas=4)
+    kube.create_job(namespace, job("flaky").run_policy(backoffLimit=1).build())
+    wait_for("first pod", lambda: kube.pod_names(namespace, "flaky") == ["flaky-gpu-0"])
+    kube.run_pod(namespace, "flaky-gpu-0", node)
+    kube.set_pod_phase(namespace, "flaky-gpu-0", "Failed", 137, "OOMKilled")
+    wait_for("second attempt", lambda: "flaky-gpu-1" in kube.pod_names(namespace, "flaky"))
+    pod = next(p for p in kube.pods(namespace, "flaky") if p["metadata"]["name"] == "flaky-gpu-1")
+    assert json.loads(pod["metadata"]["annotations"]["cotrain.dev/restarts"]) == {
+        "torch": 1,
+        "tf": 1,
+    }
+    kube.run_pod(namespace, "flaky-gpu-1", node)
+    kube.set_pod_phase(namespace, "flaky-gpu-1", "Failed", 137, "OOMKilled")
+    status = kube.wait_phase(namespace, "flaky", "Failed")
+    assert status["members"]["torch"]["reason"] == "BackoffLimitExceeded"
+    failed = kube.condition(namespace, "flaky", "Failed")
+    assert failed is not None
+    assert failed["reason"] == "BackoffLimitExceeded"
+    assert kube.pod_names(namespace, "flaky") == ["flaky-gpu-0", "flaky-gpu-1"]
+
+
+def test_suspend_and_resume(
+    kube: Kube, namespace: str, make_node: Callable[..., str], job: Callable[[str], JobBuilder]
+) -> None:
+    node = make_node(sharing="time-slicing", replicas=4)
+    kube.create_job(namespace, job("sus").build())
+    wait_for("pod", lambda: kube.pod_names(namespace, "sus"))
+    kube.run_pod(namespace, "sus-gpu-0", node)
+    kube.wait_phase(namespace, "sus", "Running")
+    kube.patch_job(namespace, "sus", {"spec": {"runPolicy": {"suspend": True}}})
+    kube.wait_phase(namespace, "sus", "Suspended")
+    wait_for("pods gone", lambda: kube.pod_names(namespace, "sus") == [])
+    # The kubelet would confirm the deletion; play it, so the names are free again.
+    kube.finish_deletions(namespace)
+    kube.patch_job(namespace, "sus", {"spec": {"runPolicy": {"suspend": False}}})
+    wait_for("pod back", lambda: len(kube.pod_names(namespace, "sus")) == 1)
+    kube.wait_phase(namespace, "sus", "Pending")
+    condition = kube.condition(namespace, "sus", "Suspended")
+    assert condition is not None
+    assert condition["status"] == "False"
+
+
+def test_ttl_deletes_a_finished_job(
+    kube: Kube, namespace: str, make_node: Callable[..., str], job: Callable[[str], JobBuilder]
+) -> None:
+    node = make_node(sharing="time-slicing", replicas=4)
+    kube.create_job(namespace, job("ttl").run_policy(ttlSecondsAfterFinished=2).build())
+    wait_for("pod", lambda: kube.pod_names(namespace, "ttl"))
+    kube.run_pod(namespace, "ttl-gpu-0", node)
+    kube.set_pod_phase(namespace, "ttl-gpu-0", "Succeeded", 0)
+    kube.wait_phase(namespace, "ttl", "Succeeded")
+
+    def gone() -> bool:
+        listed = kube.custom.list_namespaced_custom_object(
+            "cotrain.dev", "v1alpha1", namespace, "cotrainjobs"
+        )
+        return not listed["items"]
+
+    wait_for("job deleted by TTL", gone, timeout=30)
+
+
+def test_active_deadline_fails_the_job(
+    kube: Kube, namespace: str, make_node: Callable[..., str], job: Callable[[str], JobBuilder]
+) -> None:
+    node = make_node(sharing="time-slicing", replicas=4)
+    kube.create_job(namespace, job("late").run_policy(activeDeadlineSeconds=2).build())
+    wait_for("pod", lambda: kube.pod_names(namespace, "late"))
+    kube.run_pod(namespace, "late-gpu-0", node)
+    kube.wait_phase(namespace, "late", "Failed", timeout=30)
+    failed = kube.condition(namespace, "late", "Failed")
+    assert failed is not None
+    assert failed["reason"] == "DeadlineExceeded"
+    wait_for("pod deleted", lambda: kube.pod_names(namespace, "late") == [])
+
+
+def test_operator_metrics_are_served(operator: OperatorProcess) -> None:
+    text = operator.metrics()
+    assert "cotrain_reconcile_duration_seconds_bucket" in text
+    assert "cotrain_api_requests_total" in text
+
+
+def test_pod_security_admission_really_enforces_restricted(kube: Kube, namespace: str) -> None:
+    """The guard the other tests rely on: a non-restricted pod is refused in test namespaces."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    pod = client.V1Pod.model_validate(
+        {
+            "metadata": {"name": "rooty"},
+            "spec": {
+                "containers": [
+                    {"name": "c", "image": "busybox", "securityContext": {"privileged": True}}
+                ]
+            },
+        }
+    )
+    with pytest.raises(ApiException) as refused:
+        kube.core.create_namespaced_pod(namespace, pod)
+    assert refused.value.status == 403
+    assert "violates PodSecurity" in str(refused.value.body)
