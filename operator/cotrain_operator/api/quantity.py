@@ -15,10 +15,11 @@ from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError, core_schema
 
-# The grammar of k8s.io/apimachinery/pkg/api/resource: a signed decimal number followed by a
-# binary SI suffix, a decimal SI suffix or a decimal exponent.
+# The grammar of k8s.io/apimachinery/pkg/api/resource (a decimal number followed by a binary SI
+# suffix, a decimal SI suffix or a decimal exponent), without the minus sign: no amount of memory
+# or CPU a CoTrainJob asks for can be negative, and the schema says so to the API server too.
 QUANTITY_PATTERN = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
     r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
 _QUANTITY_RE = re.compile(QUANTITY_PATTERN)
