@@ -61,7 +61,11 @@ def operator_kubeconfig(cluster: ControlPlane) -> Path:
 def operator(
     operator_kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(operator_kubeconfig, tmp_path_factory.mktemp("operator"))
+    # Namespaces of the lifecycle tests start with "t"; resilience tests run operators of their
+    # own over namespaces starting with "r", so no two operators ever reconcile one job.
+    process = OperatorProcess(
+        operator_kubeconfig, tmp_path_factory.mktemp("operator"), namespace="t*"
+    )
     process.start()
     try:
         yield process
@@ -69,9 +73,17 @@ def operator(
         process.stop()
 
 
+NAMESPACE_PREFIX = "t"
+
+
 @pytest.fixture
-def namespace(cluster: ControlPlane) -> Iterator[str]:
-    name = f"t{next(_names)}-{id(cluster) % 10000}"
+def namespace_prefix() -> str:
+    return NAMESPACE_PREFIX
+
+
+@pytest.fixture
+def namespace(cluster: ControlPlane, namespace_prefix: str) -> Iterator[str]:
+    name = f"{namespace_prefix}{next(_names)}-{id(cluster) % 10000}"
     cluster.kubectl("create", "namespace", name)
     # The API server's PodSecurity admission then refuses any pod of ours that is not
     # "restricted": every test that makes pods checks the profile for real.

@@ -1,0 +1,149 @@
+"""The operator under stress: killed mid-reconcile, API faults (500s, 409s), dropped watches.
+
+Each test runs its own operator, as the deploy/ ServiceAccount, through a fault-injecting proxy
+in front of the real API server, over namespaces starting with "r".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.controlplane.cluster import ControlPlane
+from tests.fixtures.faultproxy import FaultProxy, running_proxy, write_proxy_kubeconfig
+from tests.fixtures.jobs import JobBuilder
+from tests.fixtures.kube import Kube, wait_for
+from tests.fixtures.operator_process import OperatorProcess
+
+
+@pytest.fixture
+def namespace_prefix() -> str:
+    return "r"
+
+
+@pytest.fixture
+def proxy(cluster: ControlPlane) -> Iterator[FaultProxy]:
+    with running_proxy(cluster.server, cluster.ca_file) as running:
+        yield running
+
+
+@pytest.fixture
+def proxied_operator(
+    cluster: ControlPlane, proxy: FaultProxy, namespace: str, tmp_path: Path
+) -> Iterator[OperatorProcess]:
+    token = cluster.service_account_token(
+        "cotrain-system", "cotrain-operator", create=False, duration="2h"
+    )
+    kubeconfig = write_proxy_kubeconfig(tmp_path / "operator.kubeconfig", proxy, token)
+    process = OperatorProcess(kubeconfig, tmp_path / "logs", namespace=namespace)
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def _children(kube: Kube, namespace: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for kind, items in (
+        ("pods", kube.core.list_namespaced_pod(namespace).items),
+        (
+            "serviceaccounts",
+            [
+                sa
+                for sa in kube.core.list_namespaced_service_account(namespace).items
+                if sa.metadata.name.endswith("-trainer")
+            ],
+        ),
+    ):
+        counts[kind] = len(items)
+    return counts
+
+
+def test_operator_killed_mid_reconcile_duplicates_nothing(
+    kube: Kube,
+    namespace: str,
+    make_node: Callable[..., str],
+    job: Callable[[str], JobBuilder],
+    proxied_operator: OperatorProcess,
+    proxy: FaultProxy,
+) -> None:
+    node = make_node(sharing="time-slicing", replicas=8)
+    names = [f"j{i}" for i in range(6)]
+    for name in names:
+        kube.create_job(namespace, job(name).build())
+    # Kill it as soon as it has begun creating children, then start it again.
+    wait_for("first create", lambda: proxy.requests("POST", "/pods$"), timeout=30, interval=0.01)
+    proxied_operator.kill()
+    proxied_operator.start()
+    for name in names:
+        wait_for(
+            f"{name} pending",
+            lambda n=name: (
+                kube.job_status(namespace, n).get("phase") == "Pending"
+                and kube.pod_names(namespace, n)
+            ),
+        )
+    assert _children(kube, namespace) == {"pods": 6, "serviceaccounts": 6}
+    for name in names:
+        assert kube.pod_names(namespace, name) == [f"{name}-gpu-0"]
+    # And the second run carries on from the first: the jobs still run to the end.
+    kube.run_pod(namespace, "j0-gpu-0", node)
+    kube.wait_phase(namespace, "j0", "Running")
+    proxied_operator.kill()
+    proxied_operator.start()
+    kube.set_pod_phase(namespace, "j0-gpu-0", "Succeeded", 0)
+    status = kube.wait_phase(namespace, "j0", "Succeeded")
+    assert status["startTime"]
+    assert _children(kube, namespace) == {"pods": 6, "serviceaccounts": 6}
+
+
+def test_server_errors_and_conflicts_are_retried(
+    kube: Kube,
+    namespace: str,
+    make_node: Callable[..., str],
+    job: Callable[[str], JobBuilder],
+    proxied_operator: OperatorProcess,
+    proxy: FaultProxy,
+) -> None:
+    node = make_node(sharing="time-slicing", replicas=4)
+    pod_500 = proxy.fail("POST", rf"/namespaces/{namespace}/pods$", 500, times=2)
+    status_409 = proxy.fail("PATCH", r"/cotrainjobs/faulty/status$", 409, times=3)
+    kube.create_job(namespace, job("faulty").build())
+    wait_for(
+        "pod despite 500s",
+        lambda: kube.pod_names(namespace, "faulty") == ["faulty-gpu-0"],
+        timeout=60,
+    )
+    kube.wait_phase(namespace, "faulty", "Pending", timeout=60)
+    assert pod_500.hits == 2
+    assert status_409.hits == 3
+    kube.run_pod(namespace, "faulty-gpu-0", node)
+    kube.set_pod_phase(namespace, "faulty-gpu-0", "Succeeded", 0)
+    kube.wait_phase(namespace, "faulty", "Succeeded", timeout=60)
+    metrics = proxied_operator.metrics()
+    assert 'cotrain_reconcile_errors_total{kind="conflict"}' in metrics
+    assert 'cotrain_reconcile_errors_total{kind="http500"}' in metrics
+    assert kube.pod_names(namespace, "faulty") == ["faulty-gpu-0"]
+
+
+def test_dropped_watches_do_not_lose_events(
+    kube: Kube,
+    namespace: str,
+    make_node: Callable[..., str],
+    job: Callable[[str], JobBuilder],
+    proxied_operator: OperatorProcess,
+    proxy: FaultProxy,
+) -> None:
+    node = make_node(sharing="time-slicing", replicas=4)
+    kube.create_job(namespace, job("watchy").build())
+    wait_for("pod", lambda: kube.pod_names(namespace, "watchy"))
+    for _ in range(3):
+        assert proxy.drop_watches() >= 1
+    kube.run_pod(namespace, "watchy-gpu-0", node)
+    kube.wait_phase(namespace, "watchy", "Running", timeout=60)
+    proxy.drop_watches()
+    kube.set_pod_phase(namespace, "watchy-gpu-0", "Succeeded", 0)
+    kube.wait_phase(namespace, "watchy", "Succeeded", timeout=60)
