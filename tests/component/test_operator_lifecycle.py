@@ -203,3 +203,47 @@ def test_pod_security_admission_really_enforces_restricted(kube: Kube, namespace
         kube.core.create_namespaced_pod(namespace, pod)
     assert refused.value.status == 403
     assert "violates PodSecurity" in str(refused.value.body)
+
+
+SHARES = {
+    # mode: (node kwargs, sharing fields, the resource each pod must request)
+    "Exclusive": ({"count": 4}, {}, "nvidia.com/gpu"),
+    "TimeSlicing": (
+        {"sharing": "time-slicing", "replicas": 8, "renamed": True},
+        {},
+        "nvidia.com/gpu.shared",
+    ),
+    "MPS": ({"sharing": "mps", "replicas": 8}, {}, "nvidia.com/gpu"),
+    "MIG": ({"mig": {"1g.10gb": (7, 9984)}}, {"migProfile": "1g.10gb"}, "nvidia.com/mig-1g.10gb"),
+}
+
+
+def test_every_mode_and_placement_gets_the_right_pods(
+    kube: Kube, namespace: str, make_node: Callable[..., str], job: Callable[[str], JobBuilder]
+) -> None:
+    expected: dict[str, tuple[str, list[str], str]] = {}
+    for mode, (node_kwargs, sharing, resource) in SHARES.items():
+        pool = make_node(extra_labels={"mode": mode.lower()}, **node_kwargs)
+        for strategy in ("SameGPU", "PodPerMember"):
+            name = f"{mode.lower()}-{'same' if strategy == 'SameGPU' else 'each'}"
+            builder = (
+                job(name)
+                .sharing(mode=mode, **sharing)
+                .placement(strategy=strategy, nodeSelector={"mode": mode.lower()})
+            )
+            kube.create_job(namespace, builder.build())
+            pods = (
+                [f"{name}-gpu-0"] if strategy == "SameGPU" else [f"{name}-tf-0", f"{name}-torch-0"]
+            )
+            expected[name] = (resource, pods, pool)
+    for name, (resource, pods, pool) in expected.items():
+        wait_for(f"{name} pods", lambda n=name, p=pods: kube.pod_names(namespace, n) == p)
+        for pod in kube.pods(namespace, name):
+            spec = pod["spec"]
+            assert spec["containers"][0]["resources"]["limits"][resource] == "1"
+            terms = spec["affinity"]["nodeAffinity"][
+                "requiredDuringSchedulingIgnoredDuringExecution"
+            ]
+            assert terms["nodeSelectorTerms"][0]["matchExpressions"][0]["values"] == [pool]
+        status = kube.wait_phase(namespace, name, "Pending")
+        assert status["sharing"]["resource"] == resource
