@@ -1,23 +1,42 @@
-"""The `cotrain` command: `crd`, `validate`, `explain` (and `run`, the local trainer).
+"""The `cotrain` command: `crd`, `validate`, `explain`, `run` (the local trainer) and
+`supervise` (the trainer pod's entry point).
 
 Owns argument parsing and what each subcommand prints; the work is done by the API package
-(validation, CRD rendering) and by the supervisor (running members). Exit codes: 0 success,
-1 invalid input or a failed job, 2 usage errors.
+(validation, CRD rendering), by the supervisor (running members) and by the reporter. Exit codes:
+0 success, 1 invalid input or a failed job, 2 usage errors, 130 a `cotrain run` stopped by
+Ctrl-C; `cotrain supervise` exits as the operator expects (see `SupervisorResult.exit_code`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
 import sys
+import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
+from pydantic import ValidationError
 
 from cotrain_operator.api import KIND, CoTrainJob, InvalidJobError, parse_job
+from cotrain_operator.api.contract import ENV_POD_PLAN, ENV_REPORT_MODE, PodPlan
 from cotrain_operator.api.crd import object_schema, render_crd_yaml
-from cotrain_operator.api.models import CoTrainJobSpec, CoTrainJobStatus
+from cotrain_operator.api.models import (
+    CoTrainJobSpec,
+    CoTrainJobStatus,
+    JobPhase,
+    Member,
+    MemberBudget,
+    MemberPhase,
+    MemberStatus,
+    SharingStatus,
+)
+from cotrain_trainer.reporter import rfc3339
 
 
 def load_documents(path: str) -> Iterator[tuple[str, Any]]:
@@ -115,6 +134,188 @@ def _explain(path: str, out: TextIO) -> int:
     return 0
 
 
+def _job_status(
+    plan: PodPlan, statuses: dict[str, MemberStatus], phase: JobPhase, started: float
+) -> CoTrainJobStatus:
+    """The job-level fields that the operator would set in a cluster."""
+    ready = sum(s.phase in (MemberPhase.RUNNING, MemberPhase.SUCCEEDED) for s in statuses.values())
+    planned = sum(s.total_steps or 0 for s in statuses.values())
+    done = sum(min(s.step or 0, s.total_steps or 0) for s in statuses.values())
+    return CoTrainJobStatus(
+        phase=phase,
+        start_time=rfc3339(started),
+        completion_time=None if phase == JobPhase.RUNNING else rfc3339(time.time()),
+        ready_members=f"{ready}/{len(plan.members)}",
+        progress=f"{100 * done // planned}%" if planned else None,
+        sharing=SharingStatus(
+            mode=plan.mode,
+            budget={
+                name: MemberBudget(
+                    memory_bytes=budget.memory_bytes, compute_percent=budget.compute_percent
+                )
+                for name, budget in plan.budgets.items()
+            },
+        ),
+    )
+
+
+def _caps_line(member: Member, caps: dict[str, Any]) -> str:
+    name = member.name
+    if not caps and member.command:
+        return f"{name}: own command; thread caps in its environment (report.apply_caps() not used)"
+    if not caps:
+        return f"{name}: did not start training"
+    return (
+        f"{name}: {caps.get('intraOpThreads')} intra-op / {caps.get('interOpThreads')} inter-op "
+        f"thread(s) on {caps.get('device')}; GPU memory cap: {caps.get('memoryCap')}"
+    )
+
+
+def run_job(path: str, out_dir: str | None, progress: bool = True) -> int:
+    """`cotrain run`: validate, plan for this machine, train every member, report, plot."""
+    from rich.console import Console
+
+    from cotrain_trainer.console import LineView, ProgressView, summary_table
+    from cotrain_trainer.gpu import open_telemetry
+    from cotrain_trainer.plan import available_cores, local_plan
+    from cotrain_trainer.plot import loss_series, plot_losses
+    from cotrain_trainer.reporter import LocalSink, StatusReporter, report_interval
+    from cotrain_trainer.supervisor import Supervisor, stop_on_signals
+
+    console = Console(highlight=False)
+    if not console.is_terminal:  # a pipe or a log: no need to squeeze lines into 80 columns
+        console = Console(highlight=False, width=max(console.width, 120))
+    try:
+        job = load_job(path)
+    except InvalidJobError as error:
+        console.print(f"{path}: {KIND} is invalid:", markup=False)
+        for violation in error.violations:
+            console.print(f"  {violation}", markup=False)
+        return 1
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        console.print(f"{path}: {error}", markup=False)
+        return 1
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    telemetry = open_telemetry()
+    try:
+        local = local_plan(job, telemetry.devices(), available_cores(), telemetry.reason)
+        plan = local.plan
+        out = Path(out_dir) if out_dir else Path("cotrain-runs") / plan.job
+        out.mkdir(parents=True, exist_ok=True)
+        for note in local.notes:
+            console.print(note, markup=False)
+        started = time.time()
+        statuses = {m.name: MemberStatus(phase=MemberPhase.PENDING) for m in plan.members}
+        running = _job_status(plan, statuses, JobPhase.RUNNING, started)
+        sink = LocalSink(out / "status.yaml", running)
+        reporter = StatusReporter(sink, report_interval())
+        view: ProgressView | LineView = (
+            ProgressView(plan.members, console) if progress else LineView(console)
+        )
+        supervisor = Supervisor(plan, out, [reporter, view], telemetry)
+        live = view if isinstance(view, ProgressView) else contextlib.nullcontext()
+        with stop_on_signals(supervisor), live:
+            result = supervisor.run()
+    finally:
+        telemetry.close()
+    reporter.close()
+    phase = JobPhase.SUCCEEDED if result.succeeded else JobPhase.FAILED
+    sink.status = _job_status(plan, result.members, phase, started)
+    sink.write()
+    plot = plot_losses(
+        {
+            f"{m.name} ({m.framework.value})": loss_series(supervisor.progress_path(m.name))
+            for m in plan.members
+        },
+        out / "loss.png",
+        f"{plan.job}: training loss",
+    )
+    for member in plan.members:
+        console.print(_caps_line(member, result.caps.get(member.name, {})), markup=False)
+    console.print(summary_table(plan.members, result.members))
+    for member in plan.members:
+        status = result.members[member.name]
+        if status.phase != MemberPhase.SUCCEEDED and status.message:
+            console.print(f"{member.name}: {status.reason}: {status.message}", markup=False)
+            console.print(f"  log: {supervisor.log_path(member.name)}", markup=False)
+    console.print(f"status: {out / 'status.yaml'}", markup=False)
+    console.print(f"plot:   {plot}", markup=False)
+    console.print(f"logs:   {out / 'logs'}", markup=False)
+    if result.succeeded:
+        return 0
+    return 1 if result.stop_signal is None else 128 + result.stop_signal
+
+
+def supervise(work_dir: str | None, status_file: str | None) -> int:
+    """`cotrain supervise`: the trainer pod. Runs the members of $COTRAIN_POD_PLAN and reports
+    to the job's status (COTRAIN_REPORT=kubernetes, the default) or locally."""
+    from cotrain_trainer.gpu import open_telemetry
+    from cotrain_trainer.reporter import (
+        KubernetesSink,
+        LocalSink,
+        Sink,
+        SinkConfigError,
+        StatusReporter,
+        report_interval,
+    )
+    from cotrain_trainer.supervisor import Supervisor, stop_on_signals
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    err = sys.stderr
+    raw = os.environ.get(ENV_POD_PLAN)
+    if not raw:
+        err.write(f"cotrain supervise: ${ENV_POD_PLAN} is not set (the operator sets it)\n")
+        return 2
+    try:
+        plan = PodPlan.model_validate_json(raw)
+    except ValidationError as error:
+        err.write(f"cotrain supervise: ${ENV_POD_PLAN} is not a valid pod plan: {error}\n")
+        return 2
+    mode = os.environ.get(ENV_REPORT_MODE, "kubernetes")
+    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="cotrain-"))
+    started = time.time()
+    local_sink: LocalSink | None = None
+    sink: Sink
+    if mode == "kubernetes":
+        try:
+            sink = KubernetesSink.in_cluster(plan.namespace, plan.job)
+        except SinkConfigError as error:
+            err.write(f"cotrain supervise: {error}\n")
+            return 2
+    elif mode == "local":
+        statuses = {m.name: MemberStatus(phase=MemberPhase.PENDING) for m in plan.members}
+        local_sink = LocalSink(
+            Path(status_file) if status_file else work / "status.yaml",
+            _job_status(plan, statuses, JobPhase.RUNNING, started),
+            stream=sys.stdout,
+        )
+        sink = local_sink
+    else:
+        err.write(f"cotrain supervise: ${ENV_REPORT_MODE} is {mode!r}: use kubernetes or local\n")
+        return 2
+    reporter = StatusReporter(sink, report_interval())
+    telemetry = open_telemetry()
+    try:
+        supervisor = Supervisor(plan, work, [reporter], telemetry, echo=sys.stdout)
+        with stop_on_signals(supervisor):
+            result = supervisor.run()
+    except ValueError as error:
+        err.write(f"cotrain supervise: {error}\n")
+        return 2
+    finally:
+        telemetry.close()
+    reporter.close(timeout=15.0)
+    if local_sink is not None:
+        phase = JobPhase.SUCCEEDED if result.succeeded else JobPhase.FAILED
+        local_sink.status = _job_status(plan, result.members, phase, started)
+        local_sink.write()
+    verdict = "succeeded" if result.succeeded else "did not succeed"
+    print(f"cotrain supervise: job {plan.job} {verdict} (exit {result.exit_code})", flush=True)
+    return result.exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cotrain",
@@ -128,6 +329,28 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("files", nargs="+", metavar="FILE", help="YAML files, or - for stdin")
     explain = commands.add_parser("explain", help="describe a CoTrainJob field")
     explain.add_argument("field", nargs="?", default="", help="e.g. spec.members.gpu")
+    run = commands.add_parser(
+        "run", help="train a CoTrainJob's members side by side on this machine (no cluster)"
+    )
+    run.add_argument("file", metavar="FILE", help="a YAML file holding one CoTrainJob")
+    run.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where to write status, plot and logs (default: ./cotrain-runs/<job name>)",
+    )
+    run.add_argument(
+        "--no-progress", action="store_true", help="print a line per change, no progress bars"
+    )
+    supervise = commands.add_parser(
+        "supervise",
+        help=f"run a trainer pod's members from ${ENV_POD_PLAN} (the trainer image's entry point)",
+    )
+    supervise.add_argument(
+        "--work-dir", metavar="DIR", help="progress files and logs (default: a new temp dir)"
+    )
+    supervise.add_argument(
+        "--status-file", metavar="FILE", help=f"with {ENV_REPORT_MODE}=local: the status YAML"
+    )
     return parser
 
 
@@ -141,6 +364,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1 if validate_files(args.files, out) else 0
     if args.command == "explain":
         return _explain(args.field, out)
+    if args.command == "run":
+        return run_job(args.file, args.out, progress=not args.no_progress)
+    if args.command == "supervise":
+        return supervise(args.work_dir, args.status_file)
     raise AssertionError(f"unhandled command {args.command}")  # argparse rules this out
 
 

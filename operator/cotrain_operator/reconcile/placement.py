@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from cotrain_operator.api.budget import cpu_threads, memory_budgets
 from cotrain_operator.api.contract import PlannedBudget
 from cotrain_operator.api.models import CoTrainJob, Member, PlacementStrategy, SharingMode
 from cotrain_operator.api.quantity import quantity_bytes
@@ -18,8 +19,9 @@ from cotrain_operator.sharing import GpuNode, Refusal, Share, auto_mode, strateg
 
 MIB = 2**20
 SAME_GPU_GROUP = "gpu"
-# CPU threads a member gets when neither cpuThreads nor a cpu limit says otherwise.
-DEFAULT_CPU_THREADS = int(os.environ.get("COTRAIN_DEFAULT_CPU_THREADS", "2"))
+# Cores a trainer pod may assume it shares among its members when neither cpuThreads nor a cpu
+# limit says otherwise (the node's real count is unknown until the pod runs).
+NODE_CORES = int(os.environ.get("COTRAIN_DEFAULT_CPU_THREADS", "2"))
 
 
 @dataclass(frozen=True)
@@ -66,31 +68,16 @@ def pod_groups(job: CoTrainJob) -> tuple[PodGroup, ...]:
     return tuple(PodGroup(m.name, (m,)) for m in members)
 
 
-def cpu_threads(member: Member, sharing_members: int) -> int:
-    """Intra-op threads: explicit, else the cpu limit, else a fair part of the default."""
-    if member.cpu_threads is not None:
-        return member.cpu_threads
-    limit = member.resources.limits.get("cpu")
-    if limit is not None:
-        return max(1, int(quantity_bytes(limit)))
-    return max(1, DEFAULT_CPU_THREADS // max(1, sharing_members))
-
-
 def member_budgets(group: PodGroup, share_bytes: int | None) -> dict[str, PlannedBudget]:
-    """Explicit gpu.memory caps as asked; the rest of the share split equally among the others."""
-    unset = [m for m in group.members if m.gpu.memory is None]
-    rest = None
-    if share_bytes is not None and unset:
-        rest = max(0, share_bytes - group.demand_bytes) // len(unset)
-    budgets = {}
-    for member in group.members:
-        memory = quantity_bytes(member.gpu.memory) if member.gpu.memory is not None else rest
-        budgets[member.name] = PlannedBudget(
-            memory_bytes=memory,
+    memory = memory_budgets(group.members, share_bytes)
+    return {
+        member.name: PlannedBudget(
+            memory_bytes=memory[member.name],
             compute_percent=member.gpu.compute_percent,
-            cpu_threads=cpu_threads(member, len(group.members)),
+            cpu_threads=cpu_threads(member, len(group.members), NODE_CORES),
         )
-    return budgets
+        for member in group.members
+    }
 
 
 def _offer(job: CoTrainJob, mode: SharingMode, node: GpuNode, demand: int) -> Share | Refusal:

@@ -1,0 +1,218 @@
+"""Trainer benchmark: one PyTorch and one TensorFlow member, concurrent vs sequential.
+
+Prints a table of aggregate training throughput (samples/s, start-up excluded: only the time
+between each member's first and last step counts) for:
+
+- sequential, each member alone with every core (what "use them one after another" gives),
+- sequential, each member alone with its capped share of the cores,
+- concurrent without thread caps (each member believes it has every core),
+- concurrent with thread caps (cores divided among the members, as the trainer plans it),
+
+and the reporting overhead: the cost of the PyTorch hook / Keras callback per step as a share of
+a step, and the supervisor's CPU time as a share of the members'. Targets: concurrent with caps
+>= 1.0x sequential; reporting overhead <= 1%.
+
+    python bench/trainer_bench.py [--steps 1500] [--batch 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cotrain_operator.api.contract import PlannedBudget, PodPlan
+from cotrain_operator.api.models import Member, SharingMode
+from cotrain_trainer.plan import available_cores
+from cotrain_trainer.report import EVENT_STEP, ProgressEvent, read_events
+from cotrain_trainer.supervisor import Supervisor
+
+
+@dataclass(frozen=True)
+class Trace:
+    """(time, step) of one member's step events."""
+
+    points: list[tuple[float, int]]
+    batch: int
+
+    @property
+    def start(self) -> float:
+        return self.points[0][0]
+
+    @property
+    def end(self) -> float:
+        return self.points[-1][0]
+
+    @property
+    def samples(self) -> int:
+        return (self.points[-1][1] - self.points[0][1]) * self.batch
+
+    def rate(self) -> float:
+        return self.samples / (self.end - self.start)
+
+    def step_at(self, moment: float) -> float:
+        """Steps done at `moment`, interpolated between events."""
+        points = self.points
+        if moment <= points[0][0]:
+            return points[0][1]
+        for (t0, s0), (t1, s1) in itertools.pairwise(points):
+            if t0 <= moment <= t1:
+                return s0 + (s1 - s0) * (moment - t0) / (t1 - t0) if t1 > t0 else s1
+        return points[-1][1]
+
+
+@dataclass(frozen=True)
+class Run:
+    traces: dict[str, Trace]
+    supervisor_cpu: float
+    members_cpu: float
+
+
+def members(steps: int, batch: int) -> list[Member]:
+    common = {"model": "MLP", "steps": steps, "batchSize": batch, "learningRate": 0.001}
+    return [
+        Member.model_validate({"name": "torch", "framework": "PyTorch", **common}),
+        Member.model_validate({"name": "tf", "framework": "TensorFlow", **common}),
+    ]
+
+
+def supervise(chosen: list[Member], threads: int, work: Path) -> Run:
+    plan = PodPlan(
+        job="bench",
+        mode=SharingMode.TIME_SLICING,
+        members=chosen,
+        budgets={m.name: PlannedBudget(cpu_threads=threads) for m in chosen},
+        backoff_limit=0,
+    )
+    supervisor = Supervisor(plan, work)
+    own_before = resource.getrusage(resource.RUSAGE_SELF)
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = supervisor.run()
+    own_after = resource.getrusage(resource.RUSAGE_SELF)
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if not result.succeeded:
+        raise SystemExit(f"bench run failed: {result.members}")
+    traces = {}
+    for member in chosen:
+        events: list[ProgressEvent] = read_events(supervisor.progress_path(member.name))
+        points = [
+            (e.time, e.step)
+            for e in events
+            if e.event == EVENT_STEP and e.time is not None and e.step is not None
+        ]
+        traces[member.name] = Trace(points, member.batch_size)
+
+    def cpu(before: resource.struct_rusage, after: resource.struct_rusage) -> float:
+        return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+    return Run(traces, cpu(own_before, own_after), cpu(children_before, children_after))
+
+
+def sequential(chosen: list[Member], threads: int, work: Path) -> tuple[float, dict[str, float]]:
+    """Aggregate rate when the members run one after another: all samples over the sum of
+    their training times."""
+    samples, seconds, rates = 0, 0.0, {}
+    for member in chosen:
+        trace = supervise([member], threads, work / f"{member.name}-{threads}").traces[member.name]
+        samples += trace.samples
+        seconds += trace.end - trace.start
+        rates[member.name] = trace.rate()
+    return samples / seconds, rates
+
+
+def concurrent(chosen: list[Member], threads: int, work: Path) -> tuple[float, float, Run]:
+    """Aggregate rate while both train: the samples each did in the window where both were
+    training, over that window (and the window's length)."""
+    run = supervise(chosen, threads, work / f"both-{threads}")
+    start = max(t.start for t in run.traces.values())
+    end = min(t.end for t in run.traces.values())
+    if end <= start:
+        raise SystemExit("the members never trained at the same time: raise --steps")
+    samples = sum((t.step_at(end) - t.step_at(start)) * t.batch for t in run.traces.values())
+    return samples / (end - start), end - start, run
+
+
+def hook_costs(calls: int, work: Path) -> dict[str, float]:
+    """Seconds per step of each framework's progress hook (writing events as in a member)."""
+    import keras
+    import torch
+
+    from cotrain_trainer.frameworks.tensorflow import KerasProgress
+    from cotrain_trainer.frameworks.torch import TorchProgress
+    from cotrain_trainer.report import ProgressWriter
+
+    costs = {}
+    with ProgressWriter(work / "torch-hook.jsonl") as writer:
+        hook = TorchProgress(total_steps=10**9, batch_size=256, progress=writer)
+        loss = torch.tensor(0.5)
+        started = time.perf_counter()
+        for _ in range(calls):
+            hook.after_step(loss)
+        costs["torch"] = (time.perf_counter() - started) / calls
+    with ProgressWriter(work / "keras-hook.jsonl") as writer:
+        callback = KerasProgress(total_steps=10**9, batch_size=256, progress=writer)
+        assert isinstance(callback, keras.callbacks.Callback)
+        logs = {"loss": 0.5}
+        started = time.perf_counter()
+        for batch in range(calls):
+            callback.on_train_batch_end(batch, logs)
+        costs["tf"] = (time.perf_counter() - started) / calls
+    return costs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch", type=int, default=256)
+    args = parser.parse_args(argv)
+    cores = available_cores()
+    capped = max(1, cores // 2)
+    chosen = members(args.steps, args.batch)
+    print(f"trainer bench: built-in MLP, {args.steps} steps of {args.batch}, {cores} cores")
+    print("(start-up excluded: only time between each member's first and last step counts)")
+    with tempfile.TemporaryDirectory(prefix="cotrain-bench-") as directory:
+        work = Path(directory)
+        seq_all, alone_all = sequential(chosen, cores, work)
+        seq_capped, alone_capped = sequential(chosen, capped, work)
+        conc_free, window_free, _ = concurrent(chosen, cores, work)
+        conc_capped, window_capped, capped_run = concurrent(chosen, capped, work)
+        costs = hook_costs(20_000, work)
+    rows = [
+        (f"sequential, {cores} threads each (baseline)", seq_all, ""),
+        (f"sequential, {capped} thread(s) each", seq_capped, ""),
+        (f"concurrent, no caps ({cores} threads each)", conc_free, f"{window_free:.1f}s overlap"),
+        (
+            f"concurrent, caps ({capped} thread(s) each)",
+            conc_capped,
+            f"{window_capped:.1f}s overlap",
+        ),
+    ]
+    print()
+    print(f"{'run':<44} {'samples/s':>10} {'vs baseline':>12}  note")
+    for label, rate, note in rows:
+        print(f"{label:<44} {rate:>10,.0f} {rate / seq_all:>11.2f}x  {note}")
+    print()
+    print(f"alone, {cores} threads: " + ", ".join(f"{k} {v:,.0f}/s" for k, v in alone_all.items()))
+    print(
+        f"alone, {capped} thread(s): "
+        + ", ".join(f"{k} {v:,.0f}/s" for k, v in alone_capped.items())
+    )
+    print()
+    print(f"{'reporting overhead':<44} {'per step':>10} {'of a step':>12}")
+    for name, cost in costs.items():
+        step_seconds = args.batch / alone_capped[name]
+        print(f"{name + ' hook (report.step, events to a file)':<44} "
+              f"{cost * 1e6:>8.1f}us {100 * cost / step_seconds:>11.3f}%")  # fmt: skip
+    share = 100 * capped_run.supervisor_cpu / max(capped_run.members_cpu, 1e-9)
+    print(f"{'supervisor CPU (tail, poll, report) / members':<44} "
+          f"{capped_run.supervisor_cpu:>9.2f}s {share:>11.3f}%")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,639 @@
+"""The supervisor: runs one pod's members side by side, each as its own OS process, to the end.
+
+Owns starting each member (the built-in runner `python -m cotrain_trainer.member`, or the member's
+own command) with its caps in its environment, tailing its progress file, sampling its GPU memory,
+restarting a failed member within the backoff limit, classifying why each run ended, applying the
+success policy, stopping members cleanly on request (SIGTERM to the member's process group, then
+SIGKILL after a grace period), and telling listeners (the status reporter, a terminal view) about
+every change. `cotrain supervise` runs it in a pod and `cotrain run` on a workstation: one code
+path for both.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any, Protocol, TextIO
+
+from cotrain_operator.api.contract import (
+    EXIT_GPU_OOM,
+    EXIT_MEMBERS_FAILED,
+    REASON_BACKOFF_EXCEEDED,
+    REASON_COMPLETED,
+    REASON_ERROR,
+    REASON_GPU_OOM,
+    REASON_OOM_KILLED,
+    REASON_SIGNALED,
+    REASON_STOPPED,
+    PlannedBudget,
+    PodPlan,
+)
+from cotrain_operator.api.models import Member, MemberPhase, MemberStatus, SuccessPolicy
+from cotrain_trainer.caps import member_launch, with_python_first
+from cotrain_trainer.gpu import NoGpu, Telemetry
+from cotrain_trainer.report import (
+    EVENT_FAILED,
+    EVENT_STARTED,
+    EVENT_STEP,
+    ProgressEvent,
+    ProgressTail,
+)
+
+log = logging.getLogger(__name__)
+
+ACTIVE = (MemberPhase.PENDING, MemberPhase.RUNNING, MemberPhase.RESTARTING)
+TERMINAL = (MemberPhase.SUCCEEDED, MemberPhase.FAILED)
+MAX_RESTART_DELAY_SECONDS = 30.0
+MESSAGE_LIMIT = 4096
+# cgroup v2 counts the kernel's OOM kills of the container here; cgroup v1 has no such counter.
+CGROUP_MEMORY_EVENTS = Path("/sys/fs/cgroup/memory.events")
+# glog lines (TensorFlow, absl) that say nothing about why a program ended.
+_LOG_NOISE = re.compile(r"^([IWEF]\d{4} \d\d:\d\d:\d\d|WARNING: All log messages before absl)")
+
+
+# --------------------------------------------------------------------------------------------
+# pure decisions
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    """Why one run of a member ended, as the contract names it."""
+
+    exit_code: int
+    reason: str
+    message: str
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def last_meaningful_line(lines: Sequence[str]) -> str:
+    """The last output line that may say why a program ended (framework log noise skipped)."""
+    for line in reversed(lines):
+        text = line.strip()
+        if text and not _LOG_NOISE.match(text):
+            return text
+    return ""
+
+
+def classify_exit(
+    returncode: int,
+    *,
+    failure_reason: str | None = None,
+    failure_message: str | None = None,
+    stopped: bool = False,
+    oom_killed: bool = False,
+    last_output: str = "",
+) -> RunEnd:
+    """Why a member's run ended, from its exit status and what it said before ending.
+
+    `failure_reason` comes from the member's own "failed" event (e.g. GPUOutOfMemory), `stopped`
+    says the supervisor asked it to stop, `oom_killed` that the kernel's OOM-kill count rose.
+    """
+    detail = f": {last_output}" if last_output else ""
+    if returncode == 0:
+        return RunEnd(0, REASON_COMPLETED, "exited with code 0")
+    if returncode < 0:
+        signum = -returncode
+        name = signal_name(signum)
+        if stopped:
+            return RunEnd(128 + signum, REASON_STOPPED, f"stopped ({name})")
+        if signum == signal.SIGKILL and oom_killed:
+            return RunEnd(
+                128 + signum,
+                REASON_OOM_KILLED,
+                "killed by the kernel's out-of-memory killer (SIGKILL): raise the memory limit",
+            )
+        return RunEnd(128 + signum, REASON_SIGNALED, f"killed by {name}{detail}")
+    if failure_reason == REASON_GPU_OOM or returncode == EXIT_GPU_OOM:
+        message = failure_message or f"exited with code {returncode}{detail}"
+        return RunEnd(returncode, REASON_GPU_OOM, message)
+    if stopped:
+        return RunEnd(returncode, REASON_STOPPED, f"stopped (exited with code {returncode})")
+    if returncode == 128 + signal.SIGKILL and oom_killed:  # a shell reports its child's SIGKILL
+        return RunEnd(
+            returncode,
+            REASON_OOM_KILLED,
+            "killed by the kernel's out-of-memory killer (SIGKILL): raise the memory limit",
+        )
+    return RunEnd(returncode, REASON_ERROR, f"exited with code {returncode}{detail}")
+
+
+def restart_delay(restarts_done: int, base: float) -> float:
+    """Seconds before restart number `restarts_done + 1`: base, doubling, at most 30 s."""
+    return float(min(MAX_RESTART_DELAY_SECONDS, base * 2**restarts_done))
+
+
+def apply_event(status: MemberStatus, event: ProgressEvent) -> None:
+    """Fold one progress event into a member's status (in place)."""
+    if event.event == EVENT_STARTED:
+        # A new run trains from the start: its progress replaces the previous run's.
+        status.step = 0
+        status.total_steps = event.total_steps
+        status.epoch = status.loss = status.first_loss = status.samples_per_second = None
+        return
+    if event.step is not None and event.event == EVENT_STEP:
+        status.step = event.step
+    if event.total_steps is not None:
+        status.total_steps = event.total_steps
+    if event.epoch is not None:
+        status.epoch = event.epoch
+    if event.loss is not None:
+        status.loss = event.loss
+        if status.first_loss is None:
+            status.first_loss = event.loss
+    if event.samples_per_second is not None:
+        status.samples_per_second = event.samples_per_second
+
+
+def job_succeeded(policy: SuccessPolicy, phases: Sequence[MemberPhase | None]) -> bool:
+    if policy == SuccessPolicy.ANY_MEMBER:
+        return MemberPhase.SUCCEEDED in phases
+    return all(phase == MemberPhase.SUCCEEDED for phase in phases)
+
+
+def oom_kill_count(path: Path = CGROUP_MEMORY_EVENTS) -> int | None:
+    """The kernel's OOM-kill count of this cgroup (v2), or None where it cannot be read."""
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# processes
+
+
+class Listener(Protocol):
+    """Told about every change of every member; `final` once, when the member is done."""
+
+    def member_changed(self, name: str, status: MemberStatus, *, final: bool = False) -> None: ...
+
+    def tick(self) -> None: ...
+
+
+class OutputPump:
+    """Copies a member's output (stdout and stderr, merged) to its log file, optionally to a
+    stream with a "[member] " prefix, and keeps the last lines for the exit message."""
+
+    def __init__(self, name: str, pipe: IO[bytes], log_file: IO[bytes], echo: TextIO | None):
+        self.tail: collections.deque[str] = collections.deque(maxlen=40)
+        self._name, self._pipe, self._log, self._echo = name, pipe, log_file, echo
+        self._thread = threading.Thread(target=self._run, name=f"output-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with self._pipe, self._log:
+            for raw in iter(self._pipe.readline, b""):
+                self._log.write(raw)
+                self._log.flush()
+                line = raw.decode("utf-8", errors="replace").rstrip("\n")
+                self.tail.append(line)
+                if self._echo is not None:
+                    self._echo.write(f"[{self._name}] {line}\n")
+                    self._echo.flush()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+@dataclass
+class _MemberRun:
+    """The supervisor's state of one member (mutable; only the supervisor's thread touches it)."""
+
+    spec: Member
+    budget: PlannedBudget
+    status: MemberStatus
+    progress_path: Path
+    log_path: Path
+    restarts_left: int
+    tail: ProgressTail
+    process: subprocess.Popen[bytes] | None = None
+    output: OutputPump | None = None
+    runs: int = 0
+    restarts_here: int = 0
+    restart_at: float | None = None
+    stop_message: str | None = None
+    stop_deadline: float | None = None
+    failure: ProgressEvent | None = None
+    caps: dict[str, Any] = field(default_factory=dict)
+    oom_kills_at_start: int | None = None
+    nvml_seen: bool = False
+    changed: bool = True
+    final_sent: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def phase(self) -> MemberPhase | None:
+        return self.status.phase
+
+
+@dataclass(frozen=True)
+class SupervisorResult:
+    """How the members ended and whether the job succeeded by its success policy."""
+
+    succeeded: bool
+    members: dict[str, MemberStatus]
+    caps: dict[str, dict[str, Any]]
+    started_at: float
+    finished_at: float
+    stopped_by: str | None = None  # why the supervisor was asked to stop, if it was
+    stop_signal: int | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """The pod's exit code: 0; EXIT_MEMBERS_FAILED when members failed for good (the
+        operator fails the job); 128+signal when stopped by one (the operator may retry)."""
+        if self.succeeded:
+            return 0
+        if self.stop_signal is not None:
+            return 128 + self.stop_signal
+        return EXIT_MEMBERS_FAILED
+
+
+class Supervisor:
+    """Runs the members of one `PodPlan` until each has succeeded or failed for good."""
+
+    def __init__(
+        self,
+        plan: PodPlan,
+        work_dir: Path,
+        listeners: Sequence[Listener] = (),
+        telemetry: Telemetry | None = None,
+        *,
+        echo: TextIO | None = None,
+        grace_period: float = 10.0,
+        restart_backoff: float = 1.0,
+        poll_interval: float = 0.1,
+        gpu_sample_interval: float = 1.0,
+        environ: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        missing = [m.name for m in plan.members if m.name not in plan.budgets]
+        if missing:
+            raise ValueError(f"the pod plan has no budget for member(s) {', '.join(missing)}")
+        self.plan = plan
+        self.work_dir = work_dir
+        self.listeners = list(listeners)
+        self.telemetry: Telemetry = telemetry or NoGpu("no telemetry")
+        self.echo = echo
+        self.grace_period = grace_period
+        self.restart_backoff = restart_backoff
+        self.poll_interval = poll_interval
+        self.gpu_sample_interval = gpu_sample_interval
+        # Members inherit the supervisor's environment (CUDA_MPS_PIPE_DIRECTORY, proxies, ...)
+        # but not its own COTRAIN_* variables: theirs are set per member.
+        inherited = os.environ if environ is None else environ
+        self.environ = {k: v for k, v in inherited.items() if not k.startswith("COTRAIN_")}
+        self._clock = clock
+        self._stop_message: str | None = None
+        self._stop_signal: int | None = None
+        self._kill_requested = False
+        self._policy_stopped = False
+        self._next_gpu_sample = 0.0
+        self.device_memory_bytes = plan.device_memory_bytes
+        if self.device_memory_bytes is None:
+            devices = self.telemetry.devices()
+            self.device_memory_bytes = devices[0].total_memory_bytes if devices else None
+        self.members = [self._prepare(member) for member in plan.members]
+
+    # -- requests (safe from a signal handler) -------------------------------------------
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_message is not None
+
+    def request_stop(self, message: str, signum: int | None = None) -> None:
+        """Stop every member cleanly (SIGTERM, SIGKILL after the grace period)."""
+        if self._stop_message is None:
+            self._stop_message, self._stop_signal = message, signum
+
+    def request_kill(self) -> None:
+        """Kill every member now (a second Ctrl-C)."""
+        self._kill_requested = True
+
+    # -- files -----------------------------------------------------------------------------
+
+    def progress_path(self, name: str) -> Path:
+        return self.work_dir / "progress" / f"{name}.jsonl"
+
+    def log_path(self, name: str) -> Path:
+        return self.work_dir / "logs" / f"{name}.log"
+
+    def _prepare(self, member: Member) -> _MemberRun:
+        spent = self.plan.restarts.get(member.name, 0)
+        progress_path, log_path = self.progress_path(member.name), self.log_path(member.name)
+        for path in (progress_path, log_path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"")  # a rerun into the same directory starts afresh
+        return _MemberRun(
+            spec=member,
+            budget=self.plan.budgets[member.name],
+            status=MemberStatus(phase=MemberPhase.PENDING, restarts=spent),
+            progress_path=progress_path,
+            log_path=log_path,
+            restarts_left=max(0, self.plan.backoff_limit - spent),
+            tail=ProgressTail(progress_path),
+        )
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self) -> SupervisorResult:
+        started = time.time()
+        try:
+            for member in self.members:
+                self._launch(member)
+            while True:
+                now = self._clock()
+                if self._stop_message is not None:
+                    self._stop_all(self._stop_message, now)
+                for member in self.members:
+                    self._read_progress(member)
+                    self._check_exit(member, now)
+                self._apply_success_policy(now)
+                self._restart_due(now)
+                self._escalate(now)
+                self._sample_gpu(now)
+                self._notify()
+                if all(m.phase in TERMINAL for m in self.members):
+                    break
+                time.sleep(self.poll_interval)
+        finally:
+            self._kill_everything()
+        return SupervisorResult(
+            succeeded=job_succeeded(self.plan.success_policy, [m.phase for m in self.members]),
+            members={m.name: m.status.model_copy() for m in self.members},
+            caps={m.name: dict(m.caps) for m in self.members},
+            started_at=started,
+            finished_at=time.time(),
+            stopped_by=self._stop_message,
+            stop_signal=self._stop_signal,
+        )
+
+    def _launch(self, member: _MemberRun) -> None:
+        member.runs += 1
+        member.failure = None
+        member.restart_at = None
+        launch = member_launch(
+            member.spec,
+            member.budget,
+            self.plan.mode,
+            str(member.progress_path),
+            self.device_memory_bytes,
+        )
+        env = with_python_first({**self.environ, **launch.env})
+        log_file = member.log_path.open("ab")
+        log_file.write(f"--- {member.name}: run {member.runs}: {' '.join(launch.argv)}\n".encode())
+        log_file.flush()
+        member.oom_kills_at_start = oom_kill_count()
+        try:
+            process = subprocess.Popen(
+                launch.argv,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: signals reach its children too
+            )
+        except OSError as error:
+            log_file.write(f"cannot start: {error}\n".encode())
+            log_file.close()
+            self._run_ended(member, RunEnd(127, REASON_ERROR, f"cannot start: {error}"))
+            return
+        assert process.stdout is not None  # stdout=PIPE
+        member.process = process
+        member.output = OutputPump(member.name, process.stdout, log_file, self.echo)
+        member.status.phase = MemberPhase.RUNNING
+        member.changed = True
+
+    def _read_progress(self, member: _MemberRun) -> None:
+        for event in member.tail.read():
+            if event.event == EVENT_STARTED and event.caps:
+                member.caps = dict(event.caps)
+            if event.event == EVENT_FAILED:
+                member.failure = event
+            apply_event(member.status, event)
+            if not member.nvml_seen:
+                if event.gpu_memory_bytes is not None:
+                    member.status.gpu_memory_bytes = event.gpu_memory_bytes
+                if event.gpu_memory_peak_bytes is not None:
+                    member.status.gpu_memory_peak_bytes = event.gpu_memory_peak_bytes
+            member.changed = True
+
+    def _check_exit(self, member: _MemberRun, now: float) -> None:
+        process = member.process
+        if process is None or process.poll() is None:
+            return
+        returncode = process.returncode
+        member.process = None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)  # whatever it left behind ends with it
+        if member.output is not None:
+            member.output.join(timeout=2.0)
+        self._read_progress(member)  # what it wrote just before it ended
+        kills = oom_kill_count()
+        end = classify_exit(
+            returncode,
+            failure_reason=member.failure.reason if member.failure else None,
+            failure_message=member.failure.message if member.failure else None,
+            stopped=member.stop_message is not None,
+            oom_killed=(
+                kills is not None
+                and member.oom_kills_at_start is not None
+                and kills > member.oom_kills_at_start
+            ),
+            last_output=last_meaningful_line(list(member.output.tail) if member.output else []),
+        )
+        self._run_ended(member, end, now)
+
+    def _run_ended(self, member: _MemberRun, end: RunEnd, now: float | None = None) -> None:
+        status = member.status
+        status.exit_code = end.exit_code
+        member.changed = True
+        if end.reason == REASON_COMPLETED:
+            status.phase, status.reason, status.message = MemberPhase.SUCCEEDED, end.reason, None
+            return
+        if member.stop_message is not None:
+            status.phase, status.reason = MemberPhase.FAILED, REASON_STOPPED
+            status.message = _clip(f"{member.stop_message}; {end.message}")
+            return
+        status.reason = end.reason
+        if end.reason == REASON_GPU_OOM:
+            # A cap that was too small is too small again: restarting only delays co-tenants.
+            status.phase = MemberPhase.FAILED
+            status.message = _clip(
+                f"{end.message} (not restarted: raise spec.members[{member.name}].gpu.memory "
+                "or lower batchSize)"
+            )
+            return
+        limit = self.plan.backoff_limit
+        if member.restarts_left > 0:
+            delay = restart_delay(member.restarts_here, self.restart_backoff)
+            member.restart_at = (now if now is not None else self._clock()) + delay
+            status.phase = MemberPhase.RESTARTING
+            status.message = _clip(
+                f"{end.message}; restart {status.restarts + 1} of {limit} in {delay:.1f}s"
+            )
+            return
+        status.phase, status.reason = MemberPhase.FAILED, REASON_BACKOFF_EXCEEDED
+        status.message = _clip(
+            f"{end.reason}: {end.message}; backoffLimit {limit} reached after "
+            f"{status.restarts} restart(s)"
+        )
+
+    def _restart_due(self, now: float) -> None:
+        for member in self.members:
+            due = member.restart_at is not None and now >= member.restart_at
+            if member.phase == MemberPhase.RESTARTING and due:
+                member.restarts_left -= 1
+                member.restarts_here += 1
+                member.status.restarts += 1
+                self._launch(member)
+
+    def _apply_success_policy(self, now: float) -> None:
+        if self._policy_stopped or not any(m.phase in ACTIVE for m in self.members):
+            return
+        if self.plan.success_policy == SuccessPolicy.ANY_MEMBER:
+            winner = next((m for m in self.members if m.phase == MemberPhase.SUCCEEDED), None)
+            if winner is not None:
+                self._policy_stopped = True
+                self._stop_all(
+                    f"stopped: member {winner.name} succeeded (successPolicy AnyMember)", now
+                )
+            return
+        loser = next(
+            (
+                m
+                for m in self.members
+                if m.phase == MemberPhase.FAILED and m.status.reason != REASON_STOPPED
+            ),
+            None,
+        )
+        if loser is not None:
+            self._policy_stopped = True
+            self._stop_all(
+                f"stopped: member {loser.name} failed with {loser.status.reason} "
+                "(successPolicy AllMembers)",
+                now,
+            )
+
+    def _stop_all(self, message: str, now: float) -> None:
+        for member in self.members:
+            if member.phase not in ACTIVE or member.stop_message is not None:
+                continue
+            member.stop_message = message
+            if member.process is not None:
+                member.stop_deadline = now + self.grace_period
+                _signal_group(member.process, signal.SIGTERM)
+            else:  # waiting to restart, or never started
+                member.status.phase, member.status.reason = MemberPhase.FAILED, REASON_STOPPED
+                member.status.message = _clip(message)
+                member.changed = True
+
+    def _escalate(self, now: float) -> None:
+        for member in self.members:
+            if member.process is None:
+                continue
+            overdue = member.stop_deadline is not None and now >= member.stop_deadline
+            if self._kill_requested or overdue:
+                if member.stop_message is None:
+                    member.stop_message = self._stop_message or "killed"
+                _signal_group(member.process, signal.SIGKILL)
+
+    def _sample_gpu(self, now: float) -> None:
+        if not self.telemetry.available or now < self._next_gpu_sample:
+            return
+        self._next_gpu_sample = now + self.gpu_sample_interval
+        try:
+            used_by_pid = self.telemetry.process_memory()
+        except Exception as error:  # telemetry is best effort; training goes on without it
+            log.warning("GPU telemetry failed: %s", error)
+            return
+        groups: dict[int, int] = {}
+        for pid, used in used_by_pid.items():
+            try:
+                group = os.getpgid(pid)
+            except (ProcessLookupError, PermissionError):
+                continue  # not ours, or in another PID namespace
+            groups[group] = groups.get(group, 0) + used
+        for member in self.members:
+            if member.process is None or member.process.pid not in groups:
+                continue
+            used = groups[member.process.pid]
+            member.nvml_seen = True
+            member.status.gpu_memory_bytes = used
+            peak = member.status.gpu_memory_peak_bytes or 0
+            member.status.gpu_memory_peak_bytes = max(used, peak)
+            member.changed = True
+
+    def _notify(self) -> None:
+        for member in self.members:
+            if not member.changed or member.final_sent:
+                continue
+            member.changed = False
+            final = member.phase in TERMINAL
+            member.final_sent = final
+            for listener in self.listeners:
+                listener.member_changed(member.name, member.status.model_copy(), final=final)
+        for listener in self.listeners:
+            listener.tick()
+
+    def _kill_everything(self) -> None:
+        """Leave no member behind, whatever ended the loop."""
+        for member in self.members:
+            if member.process is not None and member.process.poll() is None:
+                _signal_group(member.process, signal.SIGKILL)
+                member.process.wait()
+            if member.output is not None:
+                member.output.join(timeout=2.0)
+
+
+def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signum)
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 3] + "..."
+
+
+@contextlib.contextmanager
+def stop_on_signals(
+    supervisor: Supervisor, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)
+) -> Iterator[None]:
+    """While inside: the first SIGINT/SIGTERM stops the members cleanly, a second kills them."""
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        if supervisor.stop_requested:
+            supervisor.request_kill()
+        else:
+            supervisor.request_stop(f"stopped by {signal_name(signum)}", signum)
+
+    previous = {signum: signal.signal(signum, handle) for signum in signals}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
