@@ -1,3 +1,3 @@
-"""Root conftest: the real control plane plugin is available to every suite."""
+"""Root conftest: the real control plane and the fixtures over it serve every suite."""
 
-pytest_plugins = ["tests.controlplane.plugin"]
+pytest_plugins = ["tests.controlplane.plugin", "tests.fixtures.kube_fixtures"]

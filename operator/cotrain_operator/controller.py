@@ -175,10 +175,14 @@ class Controller:
         decision = decide(body, pods, list(self.nodes.values()), datetime.now(UTC))
         namespace, name = key
         for child in decision.create:
+            log.info(
+                "%s/%s: creating %s %s", namespace, name, child["kind"], child["metadata"]["name"]
+            )
             created = await self.api.create(child)
             if created is not None and child["kind"] == "Pod":
                 self.pods[key][child["metadata"]["name"]] = created
         for pod in decision.delete_pods:
+            log.info("%s/%s: deleting pod %s (job %s)", namespace, name, pod, decision.phase)
             await self.api.delete_pod(namespace, pod)
         if decision.status_patch:
             patched = await self.api.patch_status(

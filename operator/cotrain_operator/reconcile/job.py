@@ -137,6 +137,11 @@ def _terminated(pod: Mapping[str, Any]) -> tuple[int | None, str | None, str | N
     return None, status.get("reason"), status.get("message")
 
 
+def _pod_members(pod: Mapping[str, Any]) -> list[str]:
+    """The members a pod runs, from the restarts annotation every trainer pod carries."""
+    return list(_baseline(pod))
+
+
 def _baseline(pod: Mapping[str, Any]) -> dict[str, int]:
     raw = ((pod.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_RESTARTS, "{}")
     try:
@@ -302,11 +307,29 @@ def decide(
     decision.status_patch = merge_patch(status, desired)
     decision.phase = job_phase
     if finished:
-        decision.delete_pods = [p["metadata"]["name"] for p in pods if _active(p)]
+        decision.delete_pods = _unfinished_pods(groups, member_status, job_phase)
     if job_phase != phase:
         kind = "Warning" if job_phase == JobPhase.FAILED.value else "Normal"
         decision.events.append(Event(kind, job_phase, message))
     return decision
+
+
+def _unfinished_pods(
+    groups: list[_GroupState], members: Mapping[str, Mapping[str, Any]], job_phase: str
+) -> list[str]:
+    """Pods to stop once the job has ended: on failure all that still run; on success only
+    those whose members have not finished (AnyMember), so completing pods keep their logs."""
+    doomed: list[str] = []
+    for state in groups:
+        done = all(
+            members.get(m.name, {}).get("phase")
+            in (MemberPhase.SUCCEEDED.value, MemberPhase.FAILED.value)
+            for m in state.group.members
+        )
+        if job_phase == JobPhase.SUCCEEDED.value and done:
+            continue
+        doomed.extend(p["metadata"]["name"] for p in state.pods if _active(p))
+    return doomed
 
 
 def condition_is(status: Mapping[str, Any], kind: str, value: bool, message: str) -> bool:
@@ -337,7 +360,22 @@ def _finished(
     now: datetime,
 ) -> Decision:
     decision = Decision(phase=str(status.get("phase")))
-    decision.delete_pods = [p["metadata"]["name"] for p in pods if _active(p)]
+    if status.get("phase") == JobPhase.FAILED.value:
+        decision.delete_pods = [p["metadata"]["name"] for p in pods if _active(p)]
+    else:
+        # A succeeded job stops only pods whose members have not finished (AnyMember); the
+        # others are about to complete on their own and keep their logs.
+        finished = {
+            name
+            for name, raw in (status.get("members") or {}).items()
+            if isinstance(raw, Mapping)
+            and raw.get("phase") in (MemberPhase.SUCCEEDED.value, MemberPhase.FAILED.value)
+        }
+        decision.delete_pods = [
+            p["metadata"]["name"]
+            for p in pods
+            if _active(p) and not set(_pod_members(p)) <= finished
+        ]
     ttl = ((body.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
     completed = parse_time(status.get("completionTime"))
     if isinstance(ttl, int) and completed is not None:
