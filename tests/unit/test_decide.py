@@ -255,3 +255,16 @@ def test_conditions_keep_transition_times_when_nothing_flips() -> None:
     cluster.settle()
     assert cluster.condition("Admitted")["lastTransitionTime"] == before
     assert cluster.condition("Running")["lastTransitionTime"] != before
+
+
+def test_a_succeeded_job_leaves_its_finishing_pods_alone() -> None:
+    cluster = state()
+    cluster.settle()
+    cluster.run_pods()
+    cluster.report("torch", phase="Succeeded")
+    cluster.report("tf", phase="Succeeded")
+    cluster.settle()
+    assert cluster.status["phase"] == "Succeeded"
+    # The kubelet has not yet said the pod ended: it must not be killed for it.
+    assert cluster.pods["demo-gpu-0"]["status"]["phase"] == "Running"
+    assert cluster.reconcile().delete_pods == []
