@@ -45,6 +45,10 @@ def proxied_operator(
         process.stop()
 
 
+# Fault handling must hold every time, not once by luck: each fault test runs three times.
+REPEAT = pytest.mark.parametrize("attempt", [1, 2, 3])
+
+
 def _children(kube: Kube, namespace: str) -> dict[str, int]:
     counts: dict[str, int] = {}
     for kind, items in (
@@ -62,7 +66,9 @@ def _children(kube: Kube, namespace: str) -> dict[str, int]:
     return counts
 
 
+@REPEAT
 def test_operator_killed_mid_reconcile_duplicates_nothing(
+    attempt: int,
     kube: Kube,
     namespace: str,
     make_node: Callable[..., str],
@@ -100,7 +106,9 @@ def test_operator_killed_mid_reconcile_duplicates_nothing(
     assert _children(kube, namespace) == {"pods": 6, "serviceaccounts": 6}
 
 
+@REPEAT
 def test_server_errors_and_conflicts_are_retried(
+    attempt: int,
     kube: Kube,
     namespace: str,
     make_node: Callable[..., str],
@@ -129,7 +137,9 @@ def test_server_errors_and_conflicts_are_retried(
     assert kube.pod_names(namespace, "faulty") == ["faulty-gpu-0"]
 
 
+@REPEAT
 def test_dropped_watches_do_not_lose_events(
+    attempt: int,
     kube: Kube,
     namespace: str,
     make_node: Callable[..., str],
