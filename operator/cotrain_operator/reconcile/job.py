@@ -260,33 +260,23 @@ def decide(
     started = status.get("startTime") or (rfc3339(now) if decision.create else None)
     finished = job_phase in TERMINAL
 
-    conditions = set_condition(
-        conditions,
-        "Running",
-        job_phase == JobPhase.RUNNING.value,
-        reason if job_phase != JobPhase.RUNNING.value else "MembersRunning",
-        message,
-        generation,
-        now,
-    )
-    conditions = set_condition(
-        conditions,
-        "Succeeded",
-        job_phase == JobPhase.SUCCEEDED.value,
-        reason if job_phase == JobPhase.SUCCEEDED.value else "NotSucceeded",
-        message if job_phase == JobPhase.SUCCEEDED.value else "the job has not succeeded",
-        generation,
-        now,
-    )
-    conditions = set_condition(
-        conditions,
-        "Failed",
-        job_phase == JobPhase.FAILED.value,
-        reason if job_phase == JobPhase.FAILED.value else "NotFailed",
-        message if job_phase == JobPhase.FAILED.value else "the job has not failed",
-        generation,
-        now,
-    )
+    # The Running, Succeeded and Failed conditions follow the phase; when one does not hold it
+    # says so plainly (Running keeps the reason, e.g. why the job is still Pending).
+    for kind, holds_in, otherwise_reason, otherwise_message in (
+        ("Running", JobPhase.RUNNING.value, reason, message),
+        ("Succeeded", JobPhase.SUCCEEDED.value, "NotSucceeded", "the job has not succeeded"),
+        ("Failed", JobPhase.FAILED.value, "NotFailed", "the job has not failed"),
+    ):
+        holds = job_phase == holds_in
+        conditions = set_condition(
+            conditions,
+            kind,
+            holds,
+            reason if holds else otherwise_reason,
+            message if holds else otherwise_message,
+            generation,
+            now,
+        )
     desired: dict[str, Any] = {
         "phase": job_phase,
         "conditions": conditions,
