@@ -25,7 +25,10 @@ def test_same_gpu_job_gets_one_pod_and_its_reporting_identity(
     limits = pod["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu.shared"] == "1"
     assert pod["metadata"]["ownerReferences"][0]["kind"] == "CoTrainJob"
-    status = kube.wait_phase(namespace, "demo", "Pending")
+    status = wait_for(
+        "the sharing status", lambda: (s := kube.job_status(namespace, "demo")).get("sharing") and s
+    )
+    assert status["phase"] == "Pending"
     assert status["sharing"]["mode"] == "TimeSlicing"
     assert status["sharing"]["resource"] == "nvidia.com/gpu.shared"
     assert kube.core.read_namespaced_service_account("demo-trainer", namespace)
@@ -256,5 +259,9 @@ def test_every_mode_and_placement_gets_the_right_pods(
                 "requiredDuringSchedulingIgnoredDuringExecution"
             ]
             assert terms["nodeSelectorTerms"][0]["matchExpressions"][0]["values"] == [pool]
-        status = kube.wait_phase(namespace, name, "Pending")
-        assert status["sharing"]["resource"] == resource
+        # The pods are created before the status patch of the same reconcile lands.
+        sharing = wait_for(
+            f"{name} sharing status",
+            lambda n=name: kube.job_status(namespace, n).get("sharing", {}).get("resource"),
+        )
+        assert sharing == resource
