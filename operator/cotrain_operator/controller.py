@@ -13,9 +13,9 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from kubernetes.client.exceptions import ApiException
 
@@ -27,7 +27,9 @@ from cotrain_operator.sharing import GpuNode, parse_node
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, name)
+T = TypeVar("T")
 MAX_BACKOFF_SECONDS = 60.0
+PHASES = ("Pending", "Running", "Succeeded", "Failed", "Suspended")
 
 
 class Controller:
@@ -44,6 +46,10 @@ class Controller:
         self._failures: dict[Key, int] = defaultdict(int)
         self._timers: dict[Key, asyncio.TimerHandle] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._phases: dict[Key, str] = {}
+        self._phase_counts: dict[str, int] = defaultdict(int)
+        for phase in PHASES:
+            metrics.JOBS.labels(phase).set(0)
 
     # -- events -------------------------------------------------------------------------------
 
@@ -56,10 +62,10 @@ class Controller:
             timer = self._timers.pop(key, None)
             if timer:
                 timer.cancel()
-            self._count_phases()
+            self._count_phase(key)
             return
         self.jobs[key] = dict(body)
-        self._count_phases()
+        self._count_phase(key)
         self.enqueue(key)
 
     def on_pod(self, event_type: str | None, body: Mapping[str, Any]) -> None:
@@ -174,38 +180,65 @@ class Controller:
         pods = list(self.pods.get(key, {}).values())
         decision = decide(body, pods, list(self.nodes.values()), datetime.now(UTC))
         namespace, name = key
-        for child in decision.create:
+        if decision.create:
             log.info(
-                "%s/%s: creating %s %s", namespace, name, child["kind"], child["metadata"]["name"]
+                "%s/%s: creating %s",
+                namespace,
+                name,
+                ", ".join(f"{c['kind']} {c['metadata']['name']}" for c in decision.create),
             )
-            created = await self.api.create(child)
-            if created is not None and child["kind"] == "Pod":
+        # Children in two parallel batches, two round trips instead of one per object: the
+        # reporting identity first, since a pod may only name a ServiceAccount that exists.
+        identity = [c for c in decision.create if c["kind"] != "Pod"]
+        pods = [c for c in decision.create if c["kind"] == "Pod"]
+        await _all(self.api.create(child) for child in identity)
+        for child, created in zip(pods, await _all(self.api.create(c) for c in pods), strict=True):
+            if created is not None:
                 self.pods[key][child["metadata"]["name"]] = created
         for pod in decision.delete_pods:
             log.info("%s/%s: deleting pod %s (job %s)", namespace, name, pod, decision.phase)
-            await self.api.delete_pod(namespace, pod)
+        await _all(self.api.delete_pod(namespace, pod) for pod in decision.delete_pods)
         if decision.status_patch:
             patched = await self.api.patch_status(
                 namespace, name, decision.status_patch, body["metadata"].get("resourceVersion")
             )
             if patched is not None and self.jobs.get(key) is body:
                 self.jobs[key] = patched
-                self._count_phases()
-        for event in decision.events:
-            await self.api.post_event(body, event.type, event.reason, event.message)
+                self._count_phase(key)
+        await _all(
+            self.api.post_event(body, event.type, event.reason, event.message)
+            for event in decision.events
+        )
         if decision.delete_job:
             await self.api.delete_job(namespace, name, body["metadata"]["uid"])
         return decision
 
-    def _count_phases(self) -> None:
-        counts: dict[str, int] = defaultdict(int)
-        for job in self.jobs.values():
-            counts[str((job.get("status") or {}).get("phase") or "Pending")] += 1
-        for phase in ("Pending", "Running", "Succeeded", "Failed", "Suspended"):
-            metrics.JOBS.labels(phase).set(counts.get(phase, 0))
+    def _count_phase(self, key: Key) -> None:
+        """Keep the jobs-by-phase gauge in step with one job: O(1) per event, not O(jobs)."""
+        job = self.jobs.get(key)
+        new = None if job is None else str((job.get("status") or {}).get("phase") or "Pending")
+        old = self._phases.pop(key, None)
+        if new is not None:
+            self._phases[key] = new
+        if old == new:
+            return
+        for phase, change in ((old, -1), (new, 1)):
+            if phase is not None:
+                self._phase_counts[phase] += change
+                if phase in PHASES:
+                    metrics.JOBS.labels(phase).set(self._phase_counts[phase])
 
     def finished(self, key: Key) -> bool:
         return (self.jobs.get(key, {}).get("status") or {}).get("phase") in TERMINAL
+
+
+async def _all(calls: Iterable[Awaitable[T]]) -> list[T]:
+    """Run the calls concurrently; once all have ended, raise the first error if any did."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results  # type: ignore[return-value]
 
 
 def _key(body: Mapping[str, Any]) -> Key:

@@ -35,8 +35,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.server_timeout = int(os.environ.get("COTRAIN_WATCH_TIMEOUT", "300"))
     settings.watching.client_timeout = settings.watching.server_timeout + 30
     settings.watching.reconnect_backoff = 0.5
+    # Only our pods, filtered by the API server: without it kopf watches every pod in the cluster
+    # and drops the others client-side, after parsing them and keeping a memory of each.
+    settings.watching.label_selectors["", "v1", "pods"] = LABEL_JOB
     load_config()
-    controller = Controller(KubeApi(), workers=int(os.environ.get("COTRAIN_WORKERS", "4")))
+    controller = Controller(KubeApi(), workers=int(os.environ.get("COTRAIN_WORKERS", "16")))
     controller.start()
     memo[CONTROLLER_KEY] = controller
     port = int(os.environ.get("COTRAIN_METRICS_PORT", "8080"))
@@ -49,18 +52,21 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     await memo[CONTROLLER_KEY].stop()
 
 
+# The event handlers are coroutines so that kopf calls them on the event loop, where the
+# controller lives: a plain `def` would run in kopf's thread pool, costing a thread hop per event
+# and touching the controller's caches and asyncio queue from another thread.
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def job_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+async def job_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     memo[CONTROLLER_KEY].on_job(event.get("type"), event["object"])
 
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
-def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+async def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     memo[CONTROLLER_KEY].on_pod(event.get("type"), event["object"])
 
 
 @kopf.on.event("", "v1", "nodes")
-def node_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+async def node_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     memo[CONTROLLER_KEY].on_node(event.get("type"), event["object"])
 
 
