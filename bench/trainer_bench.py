@@ -12,7 +12,14 @@ and the reporting overhead: the cost of the PyTorch hook / Keras callback per st
 a step, and the supervisor's CPU time as a share of the members'. Targets: concurrent with caps
 >= 1.0x sequential; reporting overhead <= 1%.
 
-    python bench/trainer_bench.py [--steps 1500] [--batch 256]
+Then data-parallel overhead, per framework: the same global samples trained by one process
+(global batch `--batch`, every core) and by two data-parallel processes (half the batch each,
+half the cores each: DDP over gloo, MultiWorkerMirroredStrategy over loopback), as a ratio of
+training throughput and of wall time (start-up and rendezvous included). On a machine without
+spare cores little speed-up is possible: the row catches regressions in the gradient exchange.
+
+    python bench/trainer_bench.py [--steps 1500] [--batch 256] [--dp-steps 600]
+    python bench/trainer_bench.py --data-parallel-only
 """
 
 from __future__ import annotations
@@ -26,8 +33,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cotrain_operator.api.contract import PlannedBudget, PodPlan
-from cotrain_operator.api.models import Member, SharingMode
+from cotrain_operator.api.contract import MemberTopology, PlannedBudget, PodPlan
+from cotrain_operator.api.models import Framework, Member, SharingMode
+from cotrain_trainer.distributed import local_topology
 from cotrain_trainer.plan import available_cores
 from cotrain_trainer.report import EVENT_STEP, ProgressEvent, read_events
 from cotrain_trainer.supervisor import Supervisor
@@ -71,6 +79,7 @@ class Run:
     traces: dict[str, Trace]
     supervisor_cpu: float
     members_cpu: float
+    wall: float = 0.0
 
 
 def members(steps: int, batch: int) -> list[Member]:
@@ -81,18 +90,26 @@ def members(steps: int, batch: int) -> list[Member]:
     ]
 
 
-def supervise(chosen: list[Member], threads: int, work: Path) -> Run:
+def supervise(
+    chosen: list[Member],
+    threads: int,
+    work: Path,
+    topology: dict[str, MemberTopology] | None = None,
+) -> Run:
     plan = PodPlan(
         job="bench",
         mode=SharingMode.TIME_SLICING,
         members=chosen,
         budgets={m.name: PlannedBudget(cpu_threads=threads) for m in chosen},
         backoff_limit=0,
+        topology=topology or {},
     )
     supervisor = Supervisor(plan, work)
     own_before = resource.getrusage(resource.RUSAGE_SELF)
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    began = time.perf_counter()
     result = supervisor.run()
+    wall = time.perf_counter() - began
     own_after = resource.getrusage(resource.RUSAGE_SELF)
     children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if not result.succeeded:
@@ -105,12 +122,19 @@ def supervise(chosen: list[Member], threads: int, work: Path) -> Run:
             for e in events
             if e.event == EVENT_STEP and e.time is not None and e.step is not None
         ]
-        traces[member.name] = Trace(points, member.batch_size)
+        world = (topology or {}).get(member.name)
+        size = (
+            1
+            if world is None
+            else len(world.replica_indices)
+            * (world.procs_per_replica if member.framework == Framework.PYTORCH else 1)
+        )
+        traces[member.name] = Trace(points, member.batch_size * size)  # rank 0: global batch
 
     def cpu(before: resource.struct_rusage, after: resource.struct_rusage) -> float:
         return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
-    return Run(traces, cpu(own_before, own_after), cpu(children_before, children_after))
+    return Run(traces, cpu(own_before, own_after), cpu(children_before, children_after), wall)
 
 
 def sequential(chosen: list[Member], threads: int, work: Path) -> tuple[float, dict[str, float]]:
@@ -135,6 +159,50 @@ def concurrent(chosen: list[Member], threads: int, work: Path) -> tuple[float, f
         raise SystemExit("the members never trained at the same time: raise --steps")
     samples = sum((t.step_at(end) - t.step_at(start)) * t.batch for t in run.traces.values())
     return samples / (end - start), end - start, run
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    framework: str
+    one: Run
+    two: Run
+
+    def rate(self, run: Run) -> float:
+        (trace,) = run.traces.values()
+        return trace.rate()
+
+
+def data_parallel(
+    framework: Framework, steps: int, batch: int, cores: int, work: Path
+) -> DataParallel:
+    """The same `steps` global batches of `batch` samples: one process with every core, then two
+    data-parallel processes of batch/2 with half the cores each (the trainer splits them)."""
+    common = {"framework": framework.value, "model": "MLP", "steps": steps, "learningRate": 0.001}
+    one = Member.model_validate({"name": "one", "batchSize": batch, **common})
+    spread = {"gpu": {"count": 2}} if framework == Framework.PYTORCH else {"replicas": 2}
+    two = Member.model_validate({"name": "two", "batchSize": batch // 2, **spread, **common})
+    topology = local_topology(two)
+    assert topology is not None
+    label = framework.value.lower()
+    return DataParallel(
+        framework.value,
+        supervise([one], cores, work / f"dp-{label}-1"),
+        supervise([two], cores, work / f"dp-{label}-2", {two.name: topology}),
+    )
+
+
+def print_data_parallel(rows: list[DataParallel], steps: int, batch: int, cores: int) -> None:
+    print(
+        f"data-parallel, same global samples ({steps} steps of {batch}): 2 processes of "
+        f"{batch // 2} ({max(1, cores // 2)} thread(s) each) vs 1 process of {batch} ({cores})"
+    )
+    print(f"{'framework':<12} {'1 proc/s':>10} {'2 procs/s':>10} {'ratio':>7} "
+          f"{'1 proc wall':>12} {'2 procs wall':>13} {'ratio':>7}")  # fmt: skip
+    for row in rows:
+        one, two = row.rate(row.one), row.rate(row.two)
+        print(f"{row.framework:<12} {one:>10,.0f} {two:>10,.0f} {two / one:>6.2f}x "
+              f"{row.one.wall:>11.1f}s {row.two.wall:>12.1f}s "
+              f"{row.one.wall / row.two.wall:>6.2f}x")  # fmt: skip
 
 
 def hook_costs(calls: int, work: Path) -> dict[str, float]:
@@ -169,8 +237,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--dp-steps", type=int, default=600, help="steps of the data-parallel rows")
+    parser.add_argument(
+        "--data-parallel-only", action="store_true", help="only the data-parallel rows"
+    )
     args = parser.parse_args(argv)
     cores = available_cores()
+    if args.data_parallel_only:
+        with tempfile.TemporaryDirectory(prefix="cotrain-bench-") as directory:
+            only = [
+                data_parallel(fw, args.dp_steps, args.batch, cores, Path(directory))
+                for fw in (Framework.PYTORCH, Framework.TENSORFLOW)
+            ]
+        print_data_parallel(only, args.dp_steps, args.batch, cores)
+        return 0
     capped = max(1, cores // 2)
     chosen = members(args.steps, args.batch)
     print(f"trainer bench: built-in MLP, {args.steps} steps of {args.batch}, {cores} cores")
@@ -182,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         conc_free, window_free, _ = concurrent(chosen, cores, work)
         conc_capped, window_capped, capped_run = concurrent(chosen, capped, work)
         costs = hook_costs(20_000, work)
+        dp_rows = [
+            data_parallel(fw, args.dp_steps, args.batch, cores, work)
+            for fw in (Framework.PYTORCH, Framework.TENSORFLOW)
+        ]
     rows = [
         (f"sequential, {cores} threads each (baseline)", seq_all, ""),
         (f"sequential, {capped} thread(s) each", seq_capped, ""),
@@ -211,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     share = 100 * capped_run.supervisor_cpu / max(capped_run.members_cpu, 1e-9)
     print(f"{'supervisor CPU (tail, poll, report) / members':<44} "
           f"{capped_run.supervisor_cpu:>9.2f}s {share:>11.3f}%")  # fmt: skip
+    print()
+    print_data_parallel(dp_rows, args.dp_steps, args.batch, cores)
     return 0
 
 

@@ -265,3 +265,33 @@ def test_every_mode_and_placement_gets_the_right_pods(
             lambda n=name: kube.job_status(namespace, n).get("sharing", {}).get("resource"),
         )
         assert sharing == resource
+
+
+def test_replicated_member_gets_peer_pods_and_a_headless_service(
+    kube: Kube, namespace: str, make_node: Callable[..., str], job: Callable[[str], JobBuilder]
+) -> None:
+    make_node(count=4)
+    builder = (
+        job("dp")
+        .sharing(mode="Exclusive")
+        .placement(strategy="PodPerMember")
+        .member(0, replicas=2)
+        .member(1, replicas=1)
+    )
+    kube.create_job(namespace, builder.build())
+    wait_for(
+        "pods",
+        lambda: kube.pod_names(namespace, "dp") == ["dp-tf-0", "dp-torch-0-0", "dp-torch-1-0"],
+    )
+    service = kube.core.read_namespaced_service("dp-torch", namespace)
+    assert service.spec.cluster_ip == "None"
+    assert service.spec.selector == {"cotrain.dev/job": "dp", "cotrain.dev/member": "torch"}
+    pods = {p["metadata"]["name"]: p for p in kube.pods(namespace, "dp")}
+    replica = pods["dp-torch-1-0"]
+    assert replica["spec"]["hostname"] == "torch-1"
+    assert replica["spec"]["subdomain"] == "dp-torch"
+    assert replica["metadata"]["labels"]["cotrain.dev/replica"] == "1"
+    env = {e["name"]: e["value"] for e in replica["spec"]["containers"][0]["env"]}
+    plan = json.loads(env["COTRAIN_POD_PLAN"])
+    assert plan["topology"]["torch"]["masterAddr"] == f"torch-0.dp-torch.{namespace}.svc"
+    assert plan["topology"]["torch"]["replicaIndices"] == [1]

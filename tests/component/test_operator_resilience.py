@@ -151,6 +151,8 @@ def test_dropped_watches_do_not_lose_events(
     kube.create_job(namespace, job("watchy").build())
     wait_for("pod", lambda: kube.pod_names(namespace, "watchy"))
     for _ in range(3):
+        # Cut the watches once the operator holds them again (it reconnects after a backoff).
+        wait_for("open watches", proxy.open_watches, timeout=30)
         assert proxy.drop_watches() >= 1
     kube.run_pod(namespace, "watchy-gpu-0", node)
     kube.wait_phase(namespace, "watchy", "Running", timeout=60)

@@ -71,6 +71,32 @@ def kubelet(
         node.stop()
 
 
+DP_POOL = {"cotrain.test/pool": "e2e-dp"}
+
+
+@pytest.fixture(scope="module")
+def dp_kubelet(
+    cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalKubelet]:
+    """A node with eight whole GPUs, for data-parallel members' replica pods."""
+    node = LocalKubelet(
+        cluster,
+        "e2e-dp",
+        tmp_path_factory.mktemp("dp-kubelet"),
+        node_kwargs={
+            "count": 8,
+            "memory_mib": 81920,
+            "product": "NVIDIA-A100-SXM4-80GB",
+            "extra_labels": DP_POOL,
+        },
+    )
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
 @pytest.fixture
 def namespace_prefix() -> str:
     return "e"

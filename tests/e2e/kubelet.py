@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -35,6 +36,7 @@ from tests.controlplane.cluster import ControlPlane
 from tests.fixtures.nodes import gpu_node
 
 VENV_BIN = Path(sys.executable).parent
+POD_DNS_NAME = re.compile(r"\b[a-z0-9-]+\.[a-z0-9-]+\.[a-z0-9-]+\.svc(\.cluster\.local)?\b")
 
 
 def _now() -> str:
@@ -228,7 +230,9 @@ class LocalKubelet:
         }
         for item in container.get("env") or []:
             if "value" in item:
-                env[item["name"]] = item["value"]
+                # Every pod here has the pod IP 127.0.0.1: playing the cluster DNS, a pod's name
+                # under a headless Service (<host>.<service>.<namespace>.svc) resolves to it.
+                env[item["name"]] = POD_DNS_NAME.sub("127.0.0.1", item["value"])
         account = body["spec"].get("serviceAccountName") or "default"
         env["COTRAIN_SERVICEACCOUNT_DIR"] = str(self._service_account_dir(pod, account))
         return env

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -123,9 +124,7 @@ def test_a_built_in_member_runs_the_member_module_and_a_user_member_its_command(
         ({"resources": {"limits": {"cpu": "8"}}}, 1, 4, 4),  # at most the cores here
     ],
 )
-def test_local_cpu_threads(
-    fields: dict[str, object], members: int, cores: int, threads: int
-) -> None:
+def test_local_cpu_threads(fields: dict[str, Any], members: int, cores: int, threads: int) -> None:
     assert cpu_threads(a_member("m", **fields), members, cores) == threads
 
 

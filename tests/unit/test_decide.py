@@ -268,3 +268,13 @@ def test_a_succeeded_job_leaves_its_finishing_pods_alone() -> None:
     # The kubelet has not yet said the pod ended: it must not be killed for it.
     assert cluster.pods["demo-gpu-0"]["status"]["phase"] == "Running"
     assert cluster.reconcile().delete_pods == []
+
+
+def test_start_time_is_recovered_when_the_status_write_was_lost() -> None:
+    cluster = state()
+    cluster.reconcile()
+    # The operator died after creating the pod and before writing the status.
+    cluster.job.pop("status")
+    cluster.pods["demo-gpu-0"]["metadata"]["creationTimestamp"] = "2026-11-22T11:59:00Z"
+    cluster.settle()
+    assert cluster.status["startTime"] == "2026-11-22T11:59:00Z"

@@ -102,12 +102,21 @@ def member_launch(
     progress_file: str,
     device_memory_bytes: int | None,
     python: str = sys.executable,
+    *,
+    processes: int = 1,
+    rank_env: Mapping[str, str] | None = None,
 ) -> MemberLaunch:
-    """The argv and added environment of `member` (the supervisor adds them to its own env).
+    """The argv and added environment of one process of `member` (the supervisor adds them to
+    its own env).
 
-    Order matters: the member's spec.env may override the thread caps (its author knows the
-    program) but never the contract's variables nor the MPS limits.
+    A member of several processes on this machine (`processes`, its data-parallel ranks here)
+    splits its CPU threads among them; each gets the member's GPU memory budget for its own
+    device. `rank_env` is the process's place in its world (`distributed.rank_env`). Order
+    matters: the member's spec.env may override the thread caps (its author knows the program)
+    but never the contract's variables, the rank's variables nor the MPS limits.
     """
+    if processes > 1:
+        budget = budget.model_copy(update={"cpu_threads": max(1, budget.cpu_threads // processes)})
     if member.command:
         argv = [*member.command, *(member.args or [])]
     else:
@@ -121,6 +130,7 @@ def member_launch(
     env.update({var.name: var.value for var in member.env if not is_reserved(var.name)})
     if mode == SharingMode.MPS:
         env.update(mps_env(budget))
+    env.update(rank_env or {})
     env[ENV_MEMBER] = member.model_dump_json(by_alias=True, exclude_none=True)
     env[ENV_MEMBER_BUDGET] = budget.model_dump_json(by_alias=True, exclude_none=True)
     env[ENV_PROGRESS_FILE] = progress_file

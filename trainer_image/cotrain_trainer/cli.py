@@ -165,9 +165,10 @@ def _caps_line(member: Member, caps: dict[str, Any]) -> str:
         return f"{name}: own command; thread caps in its environment (report.apply_caps() not used)"
     if not caps:
         return f"{name}: did not start training"
+    world = f"; {caps['worldSize']} data-parallel processes" if "worldSize" in caps else ""
     return (
         f"{name}: {caps.get('intraOpThreads')} intra-op / {caps.get('interOpThreads')} inter-op "
-        f"thread(s) on {caps.get('device')}; GPU memory cap: {caps.get('memoryCap')}"
+        f"thread(s) on {caps.get('device')}; GPU memory cap: {caps.get('memoryCap')}{world}"
     )
 
 

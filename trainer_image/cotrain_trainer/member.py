@@ -2,16 +2,19 @@
 
 Owns the order of things in a built-in member process: read the member from $COTRAIN_MEMBER,
 import its one framework, apply the caps before the framework touches a device, announce the run
-(with the caps as the framework reports them), train, and exit — EXIT_GPU_OOM (75) after a
+(with the caps as the framework reports them), train (data-parallel when its environment
+places it in a world of several processes: see `distributed`), and exit — EXIT_GPU_OOM (75) after a
 framework GPU out-of-memory error (through `report.session`), 1 after any other error.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from cotrain_operator.api.contract import ENV_MEMBER
 from cotrain_trainer import report
+from cotrain_trainer.distributed import World
 from cotrain_trainer.frameworks import load_member_context
 from cotrain_trainer.frameworks.synthetic import dataset_samples, total_steps
 
@@ -21,10 +24,17 @@ def main() -> int:
     if context is None:
         sys.stderr.write(f"cotrain_trainer.member runs under the supervisor: no ${ENV_MEMBER}\n")
         return 2
-    caps = context.runner.apply_caps(context.budget, context.device_memory_bytes)
-    progress = report.writer()
     member = context.member
-    progress.started(total_steps(member, dataset_samples(member)), caps.as_event())
+    caps = context.runner.apply_caps(
+        context.budget, context.device_memory_bytes, devices=member.gpu.count
+    )
+    progress = report.writer()
+    world = World.from_env(member.framework, os.environ)
+    announced = caps.as_event()
+    if world.distributed:
+        announced.update(rank=world.rank, worldSize=world.size)
+    steps = total_steps(member, dataset_samples(member, world.size), world.size)
+    progress.started(steps, announced)
     with report.session():
         context.runner.train(member, progress)
     progress.close()

@@ -3,9 +3,10 @@
 Owns mapping a cluster spec onto a workstation: the sharing mode (Auto resolved from this
 machine's GPU), each member's budget (`gpu.memory` as asked, the rest of the device split equally
 among the others; CPU threads from `cpuThreads`, else the cpu limit, else this machine's cores
-divided among the members so that co-tenants do not thrash), and notes that tell the user what
-differs from a cluster (no GPU, no MIG slice, ...). Pure: the device facts and core count are
-arguments.
+divided among the members so that co-tenants do not thrash), each data-parallel member's
+topology (every replica on this machine, on free loopback ports), and notes that tell the user
+what differs from a cluster (no GPU, no MIG slice, ...). Pure but for picking free ports: the
+device facts and core count are arguments.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from cotrain_operator.api.budget import cpu_threads, memory_budgets
 from cotrain_operator.api.contract import PlannedBudget, PodPlan
 from cotrain_operator.api.models import CoTrainJob, SharingMode
+from cotrain_trainer.distributed import local_topology, member_ranks
 from cotrain_trainer.gpu import GpuDevice
 
 
@@ -77,6 +79,14 @@ def local_plan(
             notes.append("this GPU is not in MIG mode: members share the whole GPU")
         if mode == SharingMode.MPS:
             notes.append("MPS limits are set per member; they take effect if an MPS daemon runs")
+    topology = {m.name: t for m in members if (t := local_topology(m)) is not None}
+    for m in members:
+        if m.name in topology:
+            ranks = len(member_ranks(m, topology[m.name]))
+            notes.append(
+                f"{m.name}: {m.replicas} replica(s) x {m.gpu.count} device(s): {ranks} "
+                "data-parallel process(es) on this machine, started and restarted together"
+            )
     if job.spec.run_policy.suspend:
         notes.append("spec.runPolicy.suspend is ignored by cotrain run")
     plan = PodPlan(
@@ -88,5 +98,6 @@ def local_plan(
         device_memory_bytes=device_bytes,
         backoff_limit=job.spec.run_policy.backoff_limit,
         success_policy=job.spec.success_policy,
+        topology=topology,
     )
     return LocalPlan(plan=plan, on_gpu=device is not None, notes=notes)

@@ -263,7 +263,9 @@ def apply_caps() -> dict[str, Any]:
     context = load_member_context()
     if context is None:
         return {}
-    caps = context.runner.apply_caps(context.budget, context.device_memory_bytes).as_event()
+    caps = context.runner.apply_caps(
+        context.budget, context.device_memory_bytes, devices=context.member.gpu.count
+    ).as_event()
     writer().caps = caps
     return caps
 

@@ -2,11 +2,12 @@
 
 Owns starting each member (the built-in runner `python -m cotrain_trainer.member`, or the member's
 own command) with its caps in its environment, tailing its progress file, sampling its GPU memory,
-restarting a failed member within the backoff limit, classifying why each run ended, applying the
-success policy, stopping members cleanly on request (SIGTERM to the member's process group, then
-SIGKILL after a grace period), and telling listeners (the status reporter, a terminal view) about
-every change. `cotrain supervise` runs it in a pod and `cotrain run` on a workstation: one code
-path for both.
+restarting a failed member within the backoff limit, running a data-parallel member as a gang
+of ranks (started, stopped and restarted together; see `distributed`), classifying why each run
+ended, applying the success policy, stopping members cleanly on request (SIGTERM to the member's
+process group, then SIGKILL after a grace period), and telling listeners (the status reporter, a
+terminal view) about every change. `cotrain supervise` runs it in a pod and `cotrain run` on a
+workstation: one code path for both.
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ from cotrain_operator.api.contract import (
     REASON_OOM_KILLED,
     REASON_SIGNALED,
     REASON_STOPPED,
+    MemberTopology,
     PlannedBudget,
     PodPlan,
 )
 from cotrain_operator.api.models import Member, MemberPhase, MemberStatus, SuccessPolicy
 from cotrain_trainer.caps import member_launch, with_python_first
+from cotrain_trainer.distributed import Rank, member_ranks, rank_env, spans_pods
 from cotrain_trainer.gpu import NoGpu, Telemetry
 from cotrain_trainer.report import (
     EVENT_FAILED,
@@ -56,6 +59,10 @@ ACTIVE = (MemberPhase.PENDING, MemberPhase.RUNNING, MemberPhase.RESTARTING)
 TERMINAL = (MemberPhase.SUCCEEDED, MemberPhase.FAILED)
 MAX_RESTART_DELAY_SECONDS = 30.0
 MESSAGE_LIMIT = 4096
+# Exit code of the supervisor when a member whose replicas run in several pods failed within
+# its backoff: a pod failure, so the operator recreates the member's pods together (any non-zero
+# code other than EXIT_MEMBERS_FAILED is one).
+EXIT_POD_RETRY = 1
 # cgroup v2 counts the kernel's OOM kills of the container here; cgroup v1 has no such counter.
 CGROUP_MEMORY_EVENTS = Path("/sys/fs/cgroup/memory.events")
 # glog lines (TensorFlow, absl) that say nothing about why a program ended.
@@ -217,26 +224,48 @@ class OutputPump:
 
 
 @dataclass
+class _RankRun:
+    """One process of a member (one rank of a data-parallel member; the only one otherwise)."""
+
+    rank: Rank
+    progress_path: Path
+    log_path: Path
+    tail: ProgressTail
+    process: subprocess.Popen[bytes] | None = None
+    output: OutputPump | None = None
+    failure: ProgressEvent | None = None
+    end: RunEnd | None = None
+    oom_kills_at_start: int | None = None
+
+    @property
+    def is_chief(self) -> bool:
+        """Rank 0: the one whose progress is the member's."""
+        return self.rank.rank == 0
+
+
+@dataclass
 class _MemberRun:
-    """The supervisor's state of one member (mutable; only the supervisor's thread touches it)."""
+    """The supervisor's state of one member (mutable; only the supervisor's thread touches it).
+
+    A member runs as a gang of ranks: they start together, the first one that fails stops the
+    others, and they restart together (one restart); the member succeeds when every rank has.
+    """
 
     spec: Member
     budget: PlannedBudget
     status: MemberStatus
-    progress_path: Path
-    log_path: Path
+    ranks: list[_RankRun]
     restarts_left: int
-    tail: ProgressTail
-    process: subprocess.Popen[bytes] | None = None
-    output: OutputPump | None = None
+    topology: MemberTopology | None = None
     runs: int = 0
     restarts_here: int = 0
     restart_at: float | None = None
+    in_run: bool = False
     stop_message: str | None = None
     stop_deadline: float | None = None
-    failure: ProgressEvent | None = None
+    gang_end: RunEnd | None = None  # the first failure of this run, which stops the others
+    handed_over: bool = False  # restarts with its replicas in other pods: the operator's job
     caps: dict[str, Any] = field(default_factory=dict)
-    oom_kills_at_start: int | None = None
     nvml_seen: bool = False
     changed: bool = True
     final_sent: bool = False
@@ -248,6 +277,14 @@ class _MemberRun:
     @property
     def phase(self) -> MemberPhase | None:
         return self.status.phase
+
+    @property
+    def done(self) -> bool:
+        return self.phase in TERMINAL or self.handed_over
+
+    @property
+    def running(self) -> list[_RankRun]:
+        return [r for r in self.ranks if r.process is not None]
 
 
 @dataclass(frozen=True)
@@ -261,15 +298,19 @@ class SupervisorResult:
     finished_at: float
     stopped_by: str | None = None  # why the supervisor was asked to stop, if it was
     stop_signal: int | None = None
+    pod_retry: bool = False  # a member spanning pods failed: restart the pods together
 
     @property
     def exit_code(self) -> int:
         """The pod's exit code: 0; EXIT_MEMBERS_FAILED when members failed for good (the
-        operator fails the job); 128+signal when stopped by one (the operator may retry)."""
+        operator fails the job); 128+signal when stopped by one, EXIT_POD_RETRY when a member
+        whose replicas span pods failed within its backoff (the operator may retry)."""
         if self.succeeded:
             return 0
         if self.stop_signal is not None:
             return 128 + self.stop_signal
+        if self.pod_retry:
+            return EXIT_POD_RETRY
         return EXIT_MEMBERS_FAILED
 
 
@@ -294,6 +335,9 @@ class Supervisor:
         missing = [m.name for m in plan.members if m.name not in plan.budgets]
         if missing:
             raise ValueError(f"the pod plan has no budget for member(s) {', '.join(missing)}")
+        unknown = sorted(set(plan.topology) - {m.name for m in plan.members})
+        if unknown:
+            raise ValueError(f"the pod plan has a topology for unknown member(s) {unknown}")
         self.plan = plan
         self.work_dir = work_dir
         self.listeners = list(listeners)
@@ -312,6 +356,7 @@ class Supervisor:
         self._stop_signal: int | None = None
         self._kill_requested = False
         self._policy_stopped = False
+        self._pod_retry = False
         self._next_gpu_sample = 0.0
         self.device_memory_bytes = plan.device_memory_bytes
         if self.device_memory_bytes is None:
@@ -336,26 +381,33 @@ class Supervisor:
 
     # -- files -----------------------------------------------------------------------------
 
-    def progress_path(self, name: str) -> Path:
-        return self.work_dir / "progress" / f"{name}.jsonl"
+    def progress_path(self, name: str, rank: int = 0) -> Path:
+        """The progress file of a member's rank (rank 0's is the member's)."""
+        suffix = f".rank{rank}" if rank else ""
+        return self.work_dir / "progress" / f"{name}{suffix}.jsonl"
 
-    def log_path(self, name: str) -> Path:
-        return self.work_dir / "logs" / f"{name}.log"
+    def log_path(self, name: str, rank: int = 0) -> Path:
+        suffix = f".rank{rank}" if rank else ""
+        return self.work_dir / "logs" / f"{name}{suffix}.log"
 
     def _prepare(self, member: Member) -> _MemberRun:
         spent = self.plan.restarts.get(member.name, 0)
-        progress_path, log_path = self.progress_path(member.name), self.log_path(member.name)
-        for path in (progress_path, log_path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(b"")  # a rerun into the same directory starts afresh
+        topology = self.plan.topology.get(member.name)
+        ranks = []
+        for rank in member_ranks(member, topology):
+            progress_path = self.progress_path(member.name, rank.rank)
+            log_path = self.log_path(member.name, rank.rank)
+            for path in (progress_path, log_path):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(b"")  # a rerun into the same directory starts afresh
+            ranks.append(_RankRun(rank, progress_path, log_path, ProgressTail(progress_path)))
         return _MemberRun(
             spec=member,
             budget=self.plan.budgets[member.name],
             status=MemberStatus(phase=MemberPhase.PENDING, restarts=spent),
-            progress_path=progress_path,
-            log_path=log_path,
+            ranks=ranks,
             restarts_left=max(0, self.plan.backoff_limit - spent),
-            tail=ProgressTail(progress_path),
+            topology=topology,
         )
 
     # -- the loop --------------------------------------------------------------------------
@@ -377,7 +429,7 @@ class Supervisor:
                 self._escalate(now)
                 self._sample_gpu(now)
                 self._notify()
-                if all(m.phase in TERMINAL for m in self.members):
+                if all(m.done for m in self.members):
                     break
                 time.sleep(self.poll_interval)
         finally:
@@ -390,24 +442,46 @@ class Supervisor:
             finished_at=time.time(),
             stopped_by=self._stop_message,
             stop_signal=self._stop_signal,
+            pod_retry=self._pod_retry,
         )
 
     def _launch(self, member: _MemberRun) -> None:
         member.runs += 1
-        member.failure = None
         member.restart_at = None
-        launch = member_launch(
-            member.spec,
-            member.budget,
-            self.plan.mode,
-            str(member.progress_path),
-            self.device_memory_bytes,
-        )
+        member.gang_end = None
+        member.stop_deadline = None
+        member.in_run = True
+        member.status.phase = MemberPhase.RUNNING
+        member.changed = True
+        for rank in member.ranks:
+            rank.failure, rank.end = None, None
+        for rank in member.ranks:
+            if member.gang_end is not None:  # an earlier rank could not start
+                rank.end = RunEnd(0, REASON_STOPPED, "not started")
+                continue
+            self._launch_rank(member, rank)
+
+    def _launch_rank(self, member: _MemberRun, rank: _RankRun) -> None:
+        try:
+            extra = rank_env(member.spec, member.topology, rank.rank)
+            launch = member_launch(
+                member.spec,
+                member.budget,
+                self.plan.mode,
+                str(rank.progress_path),
+                self.device_memory_bytes,
+                processes=rank.rank.local_world_size,
+                rank_env=extra,
+            )
+        except ValueError as error:  # a topology the member cannot run with
+            self._rank_ended(member, rank, RunEnd(2, REASON_ERROR, str(error)), self._clock())
+            return
         env = with_python_first({**self.environ, **launch.env})
-        log_file = member.log_path.open("ab")
-        log_file.write(f"--- {member.name}: run {member.runs}: {' '.join(launch.argv)}\n".encode())
+        log_file = rank.log_path.open("ab")
+        who = member.name if len(member.ranks) == 1 else f"{member.name} {rank.rank.label}"
+        log_file.write(f"--- {who}: run {member.runs}: {' '.join(launch.argv)}\n".encode())
         log_file.flush()
-        member.oom_kills_at_start = oom_kill_count()
+        rank.oom_kills_at_start = oom_kill_count()
         try:
             process = subprocess.Popen(
                 launch.argv,
@@ -420,52 +494,87 @@ class Supervisor:
         except OSError as error:
             log_file.write(f"cannot start: {error}\n".encode())
             log_file.close()
-            self._run_ended(member, RunEnd(127, REASON_ERROR, f"cannot start: {error}"))
+            self._rank_ended(
+                member, rank, RunEnd(127, REASON_ERROR, f"cannot start: {error}"), self._clock()
+            )
             return
         assert process.stdout is not None  # stdout=PIPE
-        member.process = process
-        member.output = OutputPump(member.name, process.stdout, log_file, self.echo)
-        member.status.phase = MemberPhase.RUNNING
-        member.changed = True
+        rank.process = process
+        prefix = member.name if len(member.ranks) == 1 else f"{member.name}/{rank.rank.rank}"
+        rank.output = OutputPump(prefix, process.stdout, log_file, self.echo)
 
     def _read_progress(self, member: _MemberRun) -> None:
-        for event in member.tail.read():
-            if event.event == EVENT_STARTED and event.caps:
-                member.caps = dict(event.caps)
-            if event.event == EVENT_FAILED:
-                member.failure = event
-            apply_event(member.status, event)
-            if not member.nvml_seen:
-                if event.gpu_memory_bytes is not None:
-                    member.status.gpu_memory_bytes = event.gpu_memory_bytes
-                if event.gpu_memory_peak_bytes is not None:
-                    member.status.gpu_memory_peak_bytes = event.gpu_memory_peak_bytes
-            member.changed = True
+        for rank in member.ranks:
+            for event in rank.tail.read():
+                if event.event == EVENT_STARTED and event.caps and rank is member.ranks[0]:
+                    member.caps = dict(event.caps)
+                if event.event == EVENT_FAILED:
+                    rank.failure = event
+                if not rank.is_chief:
+                    continue  # other ranks' progress only tells how they failed
+                apply_event(member.status, event)
+                if not member.nvml_seen:
+                    if event.gpu_memory_bytes is not None:
+                        member.status.gpu_memory_bytes = event.gpu_memory_bytes
+                    if event.gpu_memory_peak_bytes is not None:
+                        member.status.gpu_memory_peak_bytes = event.gpu_memory_peak_bytes
+                member.changed = True
 
     def _check_exit(self, member: _MemberRun, now: float) -> None:
-        process = member.process
-        if process is None or process.poll() is None:
+        for rank in member.ranks:
+            process = rank.process
+            if process is None or process.poll() is None:
+                continue
+            returncode = process.returncode
+            rank.process = None
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)  # whatever it left behind ends with it
+            if rank.output is not None:
+                rank.output.join(timeout=2.0)
+            self._read_progress(member)  # what it wrote just before it ended
+            kills = oom_kill_count()
+            end = classify_exit(
+                returncode,
+                failure_reason=rank.failure.reason if rank.failure else None,
+                failure_message=rank.failure.message if rank.failure else None,
+                stopped=member.stop_message is not None or member.gang_end is not None,
+                oom_killed=(
+                    kills is not None
+                    and rank.oom_kills_at_start is not None
+                    and kills > rank.oom_kills_at_start
+                ),
+                last_output=last_meaningful_line(list(rank.output.tail) if rank.output else []),
+            )
+            self._rank_ended(member, rank, end, now)
+        if member.in_run and all(rank.end is not None for rank in member.ranks):
+            self._gang_ended(member, now)
+
+    def _rank_ended(self, member: _MemberRun, rank: _RankRun, end: RunEnd, now: float) -> None:
+        """One rank ended; the first to fail stops the others (they restart together)."""
+        rank.end = end
+        member.changed = True
+        if end.reason == REASON_COMPLETED or member.gang_end is not None:
             return
-        returncode = process.returncode
-        member.process = None
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)  # whatever it left behind ends with it
-        if member.output is not None:
-            member.output.join(timeout=2.0)
-        self._read_progress(member)  # what it wrote just before it ended
-        kills = oom_kill_count()
-        end = classify_exit(
-            returncode,
-            failure_reason=member.failure.reason if member.failure else None,
-            failure_message=member.failure.message if member.failure else None,
-            stopped=member.stop_message is not None,
-            oom_killed=(
-                kills is not None
-                and member.oom_kills_at_start is not None
-                and kills > member.oom_kills_at_start
-            ),
-            last_output=last_meaningful_line(list(member.output.tail) if member.output else []),
-        )
+        if member.stop_message is not None:
+            return
+        if len(member.ranks) > 1 or (member.topology and member.topology.replicas > 1):
+            end = RunEnd(end.exit_code, end.reason, f"{rank.rank.label}: {end.message}")
+        member.gang_end = end
+        others = member.running
+        if others:
+            member.stop_deadline = now + self.grace_period
+            for other in others:
+                _signal_group(other.process, signal.SIGTERM)
+
+    def _gang_ended(self, member: _MemberRun, now: float) -> None:
+        member.in_run = False
+        member.stop_deadline = None
+        if member.gang_end is not None:
+            end = member.gang_end
+        else:
+            ends = [rank.end for rank in member.ranks if rank.end is not None]
+            failed = [e for e in ends if e.reason != REASON_COMPLETED]
+            end = failed[0] if failed else ends[0]
         self._run_ended(member, end, now)
 
     def _run_ended(self, member: _MemberRun, end: RunEnd, now: float | None = None) -> None:
@@ -489,6 +598,16 @@ class Supervisor:
             )
             return
         limit = self.plan.backoff_limit
+        if member.restarts_left > 0 and spans_pods(member.topology):
+            # Its other replicas run in other pods: only the operator can restart them all.
+            member.handed_over = True
+            self._pod_retry = True
+            status.phase = MemberPhase.RESTARTING
+            status.message = _clip(
+                f"{end.message}; its replicas span pods: the pod exits so that they restart "
+                f"together (restart {status.restarts + 1} of {limit})"
+            )
+            return
         if member.restarts_left > 0:
             delay = restart_delay(member.restarts_here, self.restart_backoff)
             member.restart_at = (now if now is not None else self._clock()) + delay
@@ -506,14 +625,14 @@ class Supervisor:
     def _restart_due(self, now: float) -> None:
         for member in self.members:
             due = member.restart_at is not None and now >= member.restart_at
-            if member.phase == MemberPhase.RESTARTING and due:
+            if member.phase == MemberPhase.RESTARTING and due and not member.handed_over:
                 member.restarts_left -= 1
                 member.restarts_here += 1
                 member.status.restarts += 1
                 self._launch(member)
 
     def _apply_success_policy(self, now: float) -> None:
-        if self._policy_stopped or not any(m.phase in ACTIVE for m in self.members):
+        if self._policy_stopped or not any(m.phase in ACTIVE and not m.done for m in self.members):
             return
         if self.plan.success_policy == SuccessPolicy.ANY_MEMBER:
             winner = next((m for m in self.members if m.phase == MemberPhase.SUCCEEDED), None)
@@ -527,7 +646,8 @@ class Supervisor:
             (
                 m
                 for m in self.members
-                if m.phase == MemberPhase.FAILED and m.status.reason != REASON_STOPPED
+                if (m.phase == MemberPhase.FAILED and m.status.reason != REASON_STOPPED)
+                or m.handed_over
             ),
             None,
         )
@@ -541,26 +661,30 @@ class Supervisor:
 
     def _stop_all(self, message: str, now: float) -> None:
         for member in self.members:
-            if member.phase not in ACTIVE or member.stop_message is not None:
+            if member.done or member.stop_message is not None:
                 continue
             member.stop_message = message
-            if member.process is not None:
+            running = member.running
+            if running:
                 member.stop_deadline = now + self.grace_period
-                _signal_group(member.process, signal.SIGTERM)
-            else:  # waiting to restart, or never started
+                for rank in running:
+                    _signal_group(rank.process, signal.SIGTERM)
+            elif not member.in_run:  # waiting to restart, or never started
                 member.status.phase, member.status.reason = MemberPhase.FAILED, REASON_STOPPED
                 member.status.message = _clip(message)
                 member.changed = True
 
     def _escalate(self, now: float) -> None:
         for member in self.members:
-            if member.process is None:
+            running = member.running
+            if not running:
                 continue
             overdue = member.stop_deadline is not None and now >= member.stop_deadline
             if self._kill_requested or overdue:
-                if member.stop_message is None:
+                if self._kill_requested and member.stop_message is None:
                     member.stop_message = self._stop_message or "killed"
-                _signal_group(member.process, signal.SIGKILL)
+                for rank in running:
+                    _signal_group(rank.process, signal.SIGKILL)
 
     def _sample_gpu(self, now: float) -> None:
         if not self.telemetry.available or now < self._next_gpu_sample:
@@ -579,9 +703,10 @@ class Supervisor:
                 continue  # not ours, or in another PID namespace
             groups[group] = groups.get(group, 0) + used
         for member in self.members:
-            if member.process is None or member.process.pid not in groups:
+            pids = [r.process.pid for r in member.ranks if r.process is not None]
+            if not any(pid in groups for pid in pids):
                 continue
-            used = groups[member.process.pid]
+            used = sum(groups.get(pid, 0) for pid in pids)  # every device of the member here
             member.nvml_seen = True
             member.status.gpu_memory_bytes = used
             peak = member.status.gpu_memory_peak_bytes or 0
@@ -593,7 +718,7 @@ class Supervisor:
             if not member.changed or member.final_sent:
                 continue
             member.changed = False
-            final = member.phase in TERMINAL
+            final = member.done
             member.final_sent = final
             for listener in self.listeners:
                 listener.member_changed(member.name, member.status.model_copy(), final=final)
@@ -603,14 +728,17 @@ class Supervisor:
     def _kill_everything(self) -> None:
         """Leave no member behind, whatever ended the loop."""
         for member in self.members:
-            if member.process is not None and member.process.poll() is None:
-                _signal_group(member.process, signal.SIGKILL)
-                member.process.wait()
-            if member.output is not None:
-                member.output.join(timeout=2.0)
+            for rank in member.ranks:
+                if rank.process is not None and rank.process.poll() is None:
+                    _signal_group(rank.process, signal.SIGKILL)
+                    rank.process.wait()
+                if rank.output is not None:
+                    rank.output.join(timeout=2.0)
 
 
-def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
+def _signal_group(process: subprocess.Popen[bytes] | None, signum: int) -> None:
+    if process is None:
+        return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signum)
 

@@ -62,6 +62,27 @@ class PlannedBudget(_Wire):
     cpu_threads: int = Field(ge=1)
 
 
+class MemberTopology(_Wire):
+    """Where one member's processes sit in its data-parallel world (replicas x processes).
+
+    A PyTorch member runs `procs_per_replica` processes per replica (one per device) with
+    MASTER_ADDR/MASTER_PORT/WORLD_SIZE/RANK/LOCAL_RANK; a TensorFlow member runs one worker per
+    replica with TF_CONFIG listing `worker_hosts`. A pod runs the replica `replica_indices[0]`;
+    `cotrain run` runs every replica on the one machine.
+    """
+
+    replicas: int = Field(default=1, ge=1)
+    procs_per_replica: int = Field(default=1, ge=1)
+    replica_indices: list[int] = Field(default_factory=lambda: [0])
+    master_addr: str = "127.0.0.1"
+    master_port: int = Field(default=29500, ge=1, le=65535)
+    worker_hosts: list[str] = Field(default_factory=list)
+
+    @property
+    def world_size(self) -> int:
+        return self.replicas * self.procs_per_replica
+
+
 class PodPlan(_Wire):
     """Everything the trainer in one pod needs to run its members."""
 
@@ -75,3 +96,5 @@ class PodPlan(_Wire):
     success_policy: SuccessPolicy = SuccessPolicy.ALL_MEMBERS
     # Restarts already spent per member in earlier pods of this job (the operator's count).
     restarts: dict[str, int] = Field(default_factory=dict)
+    # Data-parallel members (replicas or gpu.count above 1); absent: one process, no peers.
+    topology: dict[str, MemberTopology] = Field(default_factory=dict)

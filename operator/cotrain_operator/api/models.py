@@ -25,6 +25,8 @@ SHORT_NAMES = ("ctj",)
 CATEGORIES = ("all", "cotrain", "ml")
 
 MAX_MEMBERS = 8
+MAX_REPLICAS = 64
+MAX_DEVICES_PER_REPLICA = 8
 # Child objects are named "<job>-<member>[-suffix]"; both parts are capped so that every child
 # name stays a valid 63-character DNS label.
 MAX_JOB_NAME = 40
@@ -170,6 +172,15 @@ class MemberGPU(_Model):
         "(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE), 1-100. With placement SameGPU the members' "
         "shares add up to at most 100.",
     )
+    count: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_DEVICES_PER_REPLICA,
+        description="Devices (whole GPUs or MIG slices) per replica of the member; a PyTorch "
+        "member runs one data-parallel process per device, a TensorFlow member one worker "
+        "that mirrors its model over them. More than 1 needs placement PodPerMember and a "
+        "mode that gives whole devices (Exclusive, MIG or Auto).",
+    )
 
 
 class Member(_Model):
@@ -219,6 +230,14 @@ class Member(_Model):
         le=100_000_000,
         description="Optimizer steps to train for. Set epochs or steps, not both; with neither "
         "the built-in models train 200 steps.",
+    )
+    replicas: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_REPLICAS,
+        description="Pods of this member training data-parallel (PyTorch: torch.distributed; "
+        "TensorFlow: MultiWorkerMirroredStrategy). The replicas start together and restart "
+        "together. More than 1 needs placement PodPerMember.",
     )
     batch_size: int = Field(
         default=64, ge=1, le=65_536, description="Samples per optimizer step (per process)."

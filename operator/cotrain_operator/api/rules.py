@@ -161,6 +161,31 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
+        node=CoTrainJobSpec,
+        cel="self.placement.strategy == 'PodPerMember' || self.members.all(m, "
+        "(!has(m.replicas) || m.replicas == 1) && "
+        "(!has(m.gpu) || !has(m.gpu.count) || m.gpu.count == 1))",
+        message="replicas and gpu.count above 1 need placement PodPerMember (a SameGPU pod "
+        "holds one GPU share): set spec.placement.strategy to PodPerMember",
+        field_path=".members",
+        check=lambda s: (
+            s.placement.strategy == PlacementStrategy.POD_PER_MEMBER
+            or all(m.replicas == 1 and m.gpu.count == 1 for m in s.members)
+        ),
+    ),
+    Rule(
+        node=CoTrainJobSpec,
+        cel="!(self.sharing.mode in ['TimeSlicing', 'MPS']) || "
+        "self.members.all(m, !has(m.gpu) || !has(m.gpu.count) || m.gpu.count == 1)",
+        message="TimeSlicing and MPS give a process a fraction of one GPU: gpu.count above 1 "
+        "needs mode Exclusive, MIG or Auto",
+        field_path=".members",
+        check=lambda s: (
+            s.sharing.mode not in (SharingMode.TIME_SLICING, SharingMode.MPS)
+            or all(m.gpu.count == 1 for m in s.members)
+        ),
+    ),
+    Rule(
         node=Member,
         cel="!(has(self.steps) && has(self.epochs))",
         message="set either steps or epochs, not both",

@@ -17,15 +17,31 @@ from typing import Any
 from cotrain_operator.api.contract import (
     ENV_POD_PLAN,
     ENV_REPORT_MODE,
+    MemberTopology,
     PodPlan,
 )
-from cotrain_operator.api.models import API_VERSION, GROUP, KIND, PLURAL, CoTrainJob, SharingMode
+from cotrain_operator.api.models import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    PLURAL,
+    CoTrainJob,
+    Framework,
+    Member,
+    SharingMode,
+)
 from cotrain_operator.api.quantity import parse_quantity
 from cotrain_operator.reconcile.placement import GroupPlacement, Placement
 
 LABEL_JOB = f"{GROUP}/job"
 LABEL_GROUP = f"{GROUP}/group"
 LABEL_ATTEMPT = f"{GROUP}/attempt"
+LABEL_MEMBER = f"{GROUP}/member"
+LABEL_REPLICA = f"{GROUP}/replica"
+# torch.distributed's rendezvous on replica 0, and each TensorFlow worker's own port (distinct
+# per replica, so replicas that share a host never collide).
+TORCH_MASTER_PORT = 29500
+TF_WORKER_BASE_PORT = 2222
 ANNOTATION_RESTARTS = f"{GROUP}/restarts"
 MANAGED_BY = "cotrain-operator"
 TRAINER_CONTAINER = "trainer"
@@ -131,7 +147,7 @@ def _container_resources(group: GroupPlacement) -> dict[str, dict[str, str]]:
         "limits": {k: _sum_quantities(v) for k, v in limits.items()},
     }
     # Extended resources are requested by limit; Kubernetes copies it to requests.
-    resources["limits"][group.share.resource] = "1"
+    resources["limits"][group.share.resource] = str(group.group.devices)
     return resources
 
 
@@ -165,6 +181,64 @@ def _affinity(job: CoTrainJob, group: GroupPlacement) -> dict[str, Any]:
     return affinity
 
 
+def peer_service_name(job_name: str, member: str) -> str:
+    return f"{job_name}-{member}"
+
+
+def _replica_host(job_name: str, namespace: str, member: str, index: int) -> str:
+    """The stable DNS name of one replica's pod (hostname + subdomain of the headless Service)."""
+    return f"{member}-{index}.{peer_service_name(job_name, member)}.{namespace}.svc"
+
+
+def topology(job_name: str, namespace: str, member: Member, replica: int | None) -> MemberTopology:
+    """Where this pod's processes of `member` sit in the member's data-parallel world."""
+    procs = member.gpu.count if member.framework == Framework.PYTORCH else 1
+    if member.replicas == 1:
+        return MemberTopology(replicas=1, procs_per_replica=procs, replica_indices=[0])
+    hosts = [_replica_host(job_name, namespace, member.name, i) for i in range(member.replicas)]
+    return MemberTopology(
+        replicas=member.replicas,
+        procs_per_replica=procs,
+        replica_indices=[replica or 0],
+        master_addr=hosts[0],
+        master_port=TORCH_MASTER_PORT,
+        worker_hosts=[f"{host}:{TF_WORKER_BASE_PORT + i}" for i, host in enumerate(hosts)],
+    )
+
+
+def build_peer_services(body: Mapping[str, Any], job: CoTrainJob) -> list[dict[str, Any]]:
+    """A headless Service per member with replicas, so they find each other by stable names."""
+    job_name = body["metadata"]["name"]
+    services = []
+    for member in job.spec.members:
+        if member.replicas == 1:
+            continue
+        ports = [{"name": "torch", "port": TORCH_MASTER_PORT, "targetPort": TORCH_MASTER_PORT}]
+        ports += [
+            {
+                "name": f"tf-{i}",
+                "port": TF_WORKER_BASE_PORT + i,
+                "targetPort": TF_WORKER_BASE_PORT + i,
+            }
+            for i in range(member.replicas)
+        ]
+        services.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": _metadata(body, peer_service_name(job_name, member.name)),
+                "spec": {
+                    "clusterIP": "None",
+                    # Replicas must resolve each other while they start, before they are ready.
+                    "publishNotReadyAddresses": True,
+                    "selector": {LABEL_JOB: job_name, LABEL_MEMBER: member.name},
+                    "ports": ports,
+                },
+            }
+        )
+    return services
+
+
 def build_pod(
     body: Mapping[str, Any],
     job: CoTrainJob,
@@ -187,6 +261,11 @@ def build_pod(
         backoff_limit=job.spec.run_policy.backoff_limit,
         success_policy=job.spec.success_policy,
         restarts={m.name: restarts.get(m.name, 0) for m in group.group.members},
+        topology={
+            m.name: topology(job_name, body["metadata"]["namespace"], m, group.group.replica)
+            for m in group.group.members
+            if m.replicas > 1 or m.gpu.count > 1
+        },
     )
     env = [
         {"name": ENV_POD_PLAN, "value": plan.model_dump_json(by_alias=True, exclude_none=True)},
@@ -215,16 +294,28 @@ def build_pod(
     }
     # The supervisor runs every member (built-in or its own command) as a process of its own.
     container["command"] = ["cotrain", "supervise"]
+    labels = {LABEL_GROUP: group.group.name, LABEL_ATTEMPT: str(attempt)}
+    peers: dict[str, Any] = {}
+    if len(group.group.members) == 1:
+        member = group.group.members[0]
+        labels[LABEL_MEMBER] = member.name
+        if group.group.replica is not None:
+            labels[LABEL_REPLICA] = str(group.group.replica)
+            peers = {
+                "hostname": f"{member.name}-{group.group.replica}",
+                "subdomain": peer_service_name(job_name, member.name),
+            }
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": _metadata(
             body,
             pod_name(job_name, group.group.name, attempt),
-            labels={LABEL_GROUP: group.group.name, LABEL_ATTEMPT: str(attempt)},
+            labels=labels,
             annotations={ANNOTATION_RESTARTS: json.dumps(plan.restarts, sort_keys=True)},
         ),
         "spec": {
+            **peers,
             "restartPolicy": "Never",
             "serviceAccountName": service_account_name(job_name),
             "automountServiceAccountToken": True,

@@ -38,6 +38,7 @@ from cotrain_operator.reconcile.children import (
     LABEL_ATTEMPT,
     LABEL_GROUP,
     TRAINER_CONTAINER,
+    build_peer_services,
     build_pod,
     build_reporting_identity,
 )
@@ -237,8 +238,10 @@ def decide(
     }
     groups = [_observe(group, pods, reports) for group in pod_groups(job)]
     for state in groups:
-        if state.outcome == "Crashed":
+        if state.outcome == "Crashed" and state.group.replica is None:
             _retry_crashed(body, job, state, reports, nodes, decision)
+    for gang in _gangs(groups).values():
+        _settle_gang(body, job, gang, reports, nodes, decision)
     placement: Placement | Unschedulable | None = None
     if any(g.outcome == "Pending" and g.current is None for g in groups):
         placement = place(job, list(nodes))
@@ -257,7 +260,7 @@ def decide(
 
     member_status = _member_status(job, groups, reports)
     job_phase, reason, message = _job_phase(job, groups, member_status, placement)
-    started = status.get("startTime") or (rfc3339(now) if decision.create else None)
+    started = status.get("startTime") or _start_time(pods, decision, now)
     finished = job_phase in TERMINAL
 
     # The Running, Succeeded and Failed conditions follow the phase; when one does not hold it
@@ -298,10 +301,27 @@ def decide(
     decision.phase = job_phase
     if finished:
         decision.delete_pods = _unfinished_pods(groups, member_status, job_phase)
-    if job_phase != phase:
+    # An Event for every phase transition. A new job's first phase, Pending, is not one: its
+    # Admitted and Schedulable conditions say as much, and the Event would cost every job a write.
+    if job_phase != phase and not (phase is None and job_phase == JobPhase.PENDING.value):
         kind = "Warning" if job_phase == JobPhase.FAILED.value else "Normal"
         decision.events.append(Event(kind, job_phase, message))
     return decision
+
+
+def _start_time(
+    pods: Sequence[Mapping[str, Any]], decision: Decision, now: datetime
+) -> str | None:
+    """When the job's first pod was made: its own creation time when an earlier run of the
+    operator created it but stopped before writing the status, else now if this one does."""
+    created = sorted(
+        str(p["metadata"]["creationTimestamp"])
+        for p in pods
+        if (p.get("metadata") or {}).get("creationTimestamp") and _active(p)
+    )
+    if created:
+        return created[0]
+    return rfc3339(now) if decision.create else None
 
 
 def _unfinished_pods(
@@ -456,6 +476,7 @@ def _create_missing(
             )
     if creates:
         decision.create.extend(build_reporting_identity(body))
+        decision.create.extend(build_peer_services(body, job))
         decision.create.extend(creates)
 
 
@@ -502,13 +523,84 @@ def _retry_crashed(
     state.outcome = "Pending"
 
 
+def _gangs(groups: list[_GroupState]) -> dict[str, list[_GroupState]]:
+    """The replica pod groups of each member with replicas > 1, by member name."""
+    gangs: dict[str, list[_GroupState]] = {}
+    for state in groups:
+        if state.group.replica is not None:
+            gangs.setdefault(state.group.members[0].name, []).append(state)
+    return gangs
+
+
+def _settle_gang(
+    body: Mapping[str, Any],
+    job: CoTrainJob,
+    gang: list[_GroupState],
+    reports: Mapping[str, MemberStatus],
+    nodes: Sequence[GpuNode],
+    decision: Decision,
+) -> None:
+    """A member's replicas live and die together: one ending badly stops and restarts them all
+    (one restart of the member), or fails them all when the backoff is spent."""
+    ended = [g for g in gang if g.outcome in ("Crashed", "Failed")]
+    if not ended:
+        return
+    member = gang[0].group.members[0]
+    first = ended[0]
+    active = [p["metadata"]["name"] for g in gang for p in g.pods if _active(p)]
+    spent = max(g.restarts.get(member.name, 0) for g in gang)
+    victim = reports.get(member.name, MemberStatus()).reason == REASON_CO_TENANT_FAULT
+    following = spent + (0 if victim else 1)
+    limit = job.spec.run_policy.backoff_limit
+    if first.outcome == "Failed" or following > limit:
+        reason = first.reason if first.outcome == "Failed" else REASON_BACKOFF_EXCEEDED
+        message = (
+            first.message
+            if first.outcome == "Failed"
+            else f"a replica of {member.name} ended more than backoffLimit={limit} times; "
+            f"last: {first.reason or REASON_ERROR}"
+        )
+        decision.delete_pods.extend(active)
+        for state in gang:
+            state.outcome, state.reason, state.message = "Failed", reason, message
+            state.exit_code = first.exit_code
+        return
+    placement = place(job, list(nodes))
+    decision.delete_pods.extend(active)
+    if isinstance(placement, Unschedulable):
+        for state in gang:
+            state.outcome = "Pending"
+        return
+    attempt = max(_attempt(p) for g in gang for p in g.pods) + 1
+    by_name = {g.group.name: g for g in placement.groups}
+    decision.create.extend(build_reporting_identity(body))
+    decision.create.extend(build_peer_services(body, job))
+    for state in gang:
+        state.restarts = {member.name: following}
+        state.outcome = "Pending"
+        decision.create.append(
+            build_pod(body, job, placement, by_name[state.group.name], attempt, state.restarts)
+        )
+    decision.events.append(
+        Event(
+            "Warning",
+            "RestartingMembers",
+            f"replica pod {first.group.name} of {member.name} ended ({first.reason}, exit code "
+            f"{first.exit_code}); all {len(gang)} replicas restart together as attempt "
+            f"{attempt} (restarts {following})",
+        )
+    )
+
+
 def _member_status(
     job: CoTrainJob, groups: list[_GroupState], reports: Mapping[str, MemberStatus]
 ) -> dict[str, dict[str, Any]]:
     result: dict[str, dict[str, Any]] = {}
     for state in groups:
         for member in state.group.members:
-            report = reports.get(member.name, MemberStatus())
+            # Replica 0 reports for a replicated member; the other replicas show through their pods.
+            follower = state.group.replica not in (None, 0)
+            report = MemberStatus() if follower else reports.get(member.name, MemberStatus())
             reported = report.phase.value if report.phase else None
             entry: dict[str, Any] = {"restarts": state.restarts.get(member.name, 0)}
             if state.outcome == "Pending":
@@ -541,8 +633,27 @@ def _member_status(
                         entry["message"] = state.message[:4096]
                     if state.exit_code is not None:
                         entry["exitCode"] = report.exit_code or state.exit_code
+            if member.name in result:
+                entry = _merge_replica_entries(result[member.name], entry)
             result[member.name] = entry
     return result
+
+
+_PHASE_WEIGHT = {
+    MemberPhase.FAILED.value: 4,
+    MemberPhase.RESTARTING.value: 3,
+    MemberPhase.PENDING.value: 2,
+    MemberPhase.RUNNING.value: 1,
+    MemberPhase.SUCCEEDED.value: 0,
+}
+
+
+def _merge_replica_entries(one: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """A member of several replica pods is as far as its least advanced replica."""
+    worse = max(one, other, key=lambda e: _PHASE_WEIGHT.get(str(e.get("phase")), 2))
+    merged = dict(worse)
+    merged["restarts"] = max(one.get("restarts", 0), other.get("restarts", 0))
+    return merged
 
 
 def _job_phase(

@@ -28,8 +28,14 @@ NODE_CORES = int(os.environ.get("COTRAIN_DEFAULT_CPU_THREADS", "2"))
 class PodGroup:
     """Members that run in one pod and share its one GPU share."""
 
-    name: str  # "gpu" for SameGPU, the member's name for PodPerMember
+    name: str  # "gpu" for SameGPU; the member's name, "-<index>" added for its replicas
     members: tuple[Member, ...]
+    replica: int | None = None  # the replica index of a member with replicas > 1
+
+    @property
+    def devices(self) -> int:
+        """Units of the share the pod requests (gpu.count; members of SameGPU share one)."""
+        return max(m.gpu.count for m in self.members)
 
     @property
     def demand_bytes(self) -> int:
@@ -65,7 +71,16 @@ def pod_groups(job: CoTrainJob) -> tuple[PodGroup, ...]:
     members = tuple(job.spec.members)
     if job.spec.placement.strategy == PlacementStrategy.SAME_GPU:
         return (PodGroup(SAME_GPU_GROUP, members),)
-    return tuple(PodGroup(m.name, (m,)) for m in members)
+    groups: list[PodGroup] = []
+    for member in members:
+        if member.replicas == 1:
+            groups.append(PodGroup(member.name, (member,)))
+        else:
+            groups.extend(
+                PodGroup(f"{member.name}-{index}", (member,), index)
+                for index in range(member.replicas)
+            )
+    return tuple(groups)
 
 
 def member_budgets(group: PodGroup, share_bytes: int | None) -> dict[str, PlannedBudget]:
@@ -80,8 +95,15 @@ def member_budgets(group: PodGroup, share_bytes: int | None) -> dict[str, Planne
     }
 
 
-def _offer(job: CoTrainJob, mode: SharingMode, node: GpuNode, demand: int) -> Share | Refusal:
+def _offer(job: CoTrainJob, mode: SharingMode, node: GpuNode, group: PodGroup) -> Share | Refusal:
+    demand = group.demand_bytes
     offer = strategy(mode).offer(node, job.spec.sharing, demand)
+    if isinstance(offer, Share) and node.offers(offer.resource) < group.devices:
+        return Refusal(
+            node.name,
+            f"{node.facts()}: {node.offers(offer.resource)} {offer.resource}, fewer than the "
+            f"{group.devices} one pod asks for (gpu.count)",
+        )
     if isinstance(offer, Share) and offer.memory_bytes is not None and demand > offer.memory_bytes:
         return Refusal(
             node.name,
@@ -94,6 +116,33 @@ def _offer(job: CoTrainJob, mode: SharingMode, node: GpuNode, demand: int) -> Sh
 def _selected(job: CoTrainJob, node: GpuNode) -> bool:
     selector = job.spec.placement.node_selector
     return node.schedulable and all(node.labels.get(k) == v for k, v in selector.items())
+
+
+def _gangs_fit(
+    groups: tuple[PodGroup, ...],
+    fits: dict[str, list[tuple[GpuNode, Share]]],
+    refusals: list[Refusal],
+) -> bool:
+    """A member's replicas start together (a gang): the nodes that fit them must offer enough
+    units of the share for all of them at once."""
+    gangs: dict[str, list[PodGroup]] = {}
+    for group in groups:
+        if group.replica is not None:
+            gangs.setdefault(group.members[0].name, []).append(group)
+    for member, gang in gangs.items():
+        nodes = {n.name: (n, s) for g in gang for n, s in fits[g.name]}
+        units = sum(n.offers(s.resource) for n, s in nodes.values())
+        wanted = sum(g.devices for g in gang)
+        if units < wanted:
+            refusals.append(
+                Refusal(
+                    "*",
+                    f"member {member} needs {wanted} GPU share(s) at once for its {len(gang)} "
+                    f"replicas; the nodes that fit offer {units}",
+                )
+            )
+            return False
+    return True
 
 
 def place(job: CoTrainJob, nodes: list[GpuNode]) -> Placement | Unschedulable:
@@ -139,7 +188,7 @@ def _place_mode(
     for group in groups:
         fits[group.name] = []
         for node in candidates:
-            offer = _offer(job, mode, node, group.demand_bytes)
+            offer = _offer(job, mode, node, group)
             if isinstance(offer, Share):
                 fits[group.name].append((node, offer))
             elif offer not in refusals:
@@ -163,6 +212,8 @@ def _place_mode(
             return None
         fits = {g: [(n, s) for n, s in f if n.name in roomy] for g, f in fits.items()}
     if not all(fits.values()):
+        return None
+    if not _gangs_fit(groups, fits, refusals):
         return None
     placements = []
     for group in groups:

@@ -50,8 +50,11 @@ class AppliedCaps:
 class Runner(Protocol):
     """A framework module: caps first, then training of a built-in model."""
 
-    def apply_caps(self, budget: PlannedBudget, device_memory_bytes: int | None) -> AppliedCaps:
-        """Apply thread and GPU-memory caps; call before the framework touches a device."""
+    def apply_caps(
+        self, budget: PlannedBudget, device_memory_bytes: int | None, devices: int = 1
+    ) -> AppliedCaps:
+        """Apply thread and GPU-memory caps (on each of the process's `devices`: a TensorFlow
+        worker mirrors over them); call before the framework touches a device."""
 
     def train(self, member: Member, progress: ProgressWriter) -> None:
         """Train the member's built-in model, reporting through `progress`."""

@@ -58,24 +58,30 @@ def builtin_model(member: Member) -> BuiltinModel:
     return member.model or BuiltinModel.MLP
 
 
-def dataset_samples(member: Member) -> int:
-    """Samples in the member's data set: at least one batch."""
+def dataset_samples(member: Member, world: int = 1) -> int:
+    """Samples in the member's data set: at least one global batch (`batchSize` per process of
+    a data-parallel world of `world`)."""
     base = CNN_SAMPLES if builtin_model(member) == BuiltinModel.CNN else MLP_SAMPLES
-    return max(base, member.batch_size)
+    return max(base, member.batch_size * world)
 
 
-def data_for(member: Member) -> SyntheticData:
-    """The member's data set."""
+def data_for(member: Member, world: int = 1) -> SyntheticData:
+    """The member's data set (the whole of it; each rank trains on its `shard`)."""
     if builtin_model(member) == BuiltinModel.CNN:
-        return cnn_data(dataset_samples(member))
-    return mlp_data(dataset_samples(member))
+        return cnn_data(dataset_samples(member, world))
+    return mlp_data(dataset_samples(member, world))
 
 
-def total_steps(member: Member, samples: int) -> int:
-    """Optimizer steps of a built-in run: `steps`, else `epochs` full batches per pass, else
-    DEFAULT_STEPS."""
+def shard(samples: int, rank: int, world: int) -> slice:
+    """The samples of `rank` in a world of `world`: every world-th one, from the rank's own."""
+    return slice(rank, samples, world)
+
+
+def total_steps(member: Member, samples: int, world: int = 1) -> int:
+    """Optimizer steps of a built-in run: `steps`, else `epochs` full global batches per pass,
+    else DEFAULT_STEPS."""
     if member.steps is not None:
         return member.steps
     if member.epochs is not None:
-        return member.epochs * max(1, samples // member.batch_size)
+        return member.epochs * max(1, samples // (member.batch_size * world))
     return DEFAULT_STEPS

@@ -11,15 +11,18 @@ callback).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from cotrain_operator.api.contract import PlannedBudget
-from cotrain_operator.api.models import BuiltinModel, Member
+from cotrain_operator.api.models import BuiltinModel, Framework, Member
 from cotrain_trainer import report
 from cotrain_trainer.caps import memory_limit_mib
+from cotrain_trainer.distributed import World
 from cotrain_trainer.frameworks import AppliedCaps
 from cotrain_trainer.frameworks.synthetic import (
     CLASSES,
@@ -29,6 +32,7 @@ from cotrain_trainer.frameworks.synthetic import (
     SEED,
     builtin_model,
     data_for,
+    shard,
     total_steps,
 )
 from cotrain_trainer.gpu import CPU, Device
@@ -43,28 +47,35 @@ def detect_device(gpus: list[Any], device_memory_bytes: int | None = None) -> De
     return Device(kind="cuda", name=name, total_memory_bytes=device_memory_bytes)
 
 
-def apply_memory_cap(budget: PlannedBudget, gpus: list[Any]) -> str:
-    """Cap the memory TensorFlow may take on the first GPU; say what was done."""
+def apply_memory_cap(budget: PlannedBudget, gpus: list[Any], devices: int = 1) -> str:
+    """Cap the memory TensorFlow may take on each of the member's first `devices` GPUs (the
+    budget is per device); say what was done."""
     if not gpus:
         return "none: no GPU"
-    # One member, one device: hide any others so that none of them gets mapped whole.
-    tf.config.set_visible_devices(gpus[0], "GPU")
+    # The member's devices only: hide any others so that none of them gets mapped whole.
+    mine = gpus[: max(1, devices)]
+    tf.config.set_visible_devices(mine, "GPU")
     limit = memory_limit_mib(budget.memory_bytes)
     if limit is None:
-        tf.config.experimental.set_memory_growth(gpus[0], True)
+        for gpu in mine:
+            tf.config.experimental.set_memory_growth(gpu, True)
         return "growth: no memory budget"
-    tf.config.set_logical_device_configuration(
-        gpus[0], [tf.config.LogicalDeviceConfiguration(memory_limit=limit)]
-    )
-    return f"memory_limit {limit} MiB"
+    for gpu in mine:
+        tf.config.set_logical_device_configuration(
+            gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=limit)]
+        )
+    each = " each" if len(mine) > 1 else ""
+    return f"memory_limit {limit} MiB{each}"
 
 
-def apply_caps(budget: PlannedBudget, device_memory_bytes: int | None) -> AppliedCaps:
+def apply_caps(
+    budget: PlannedBudget, device_memory_bytes: int | None, devices: int = 1
+) -> AppliedCaps:
     """Thread and memory caps, before the TensorFlow runtime starts."""
     tf.config.threading.set_intra_op_parallelism_threads(budget.cpu_threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     gpus = tf.config.list_physical_devices("GPU")
-    memory_cap = apply_memory_cap(budget, gpus)
+    memory_cap = apply_memory_cap(budget, gpus, devices)
     return AppliedCaps(
         intra_op_threads=tf.config.threading.get_intra_op_parallelism_threads(),
         inter_op_threads=tf.config.threading.get_inter_op_parallelism_threads(),
@@ -162,8 +173,44 @@ def build_model(kind: BuiltinModel) -> Any:
     return keras.Sequential(layers)
 
 
+def _dataset_options() -> tf.data.Options:
+    options = tf.data.Options()
+    # tf.data has its own thread pool (one thread per core by default): keep it within the cap.
+    threads = tf.config.threading.get_intra_op_parallelism_threads()
+    options.threading.private_threadpool_size = threads
+    options.threading.max_intra_op_parallelism = 1
+    return options
+
+
+def strategy_for(member: Member, place: World) -> tf.distribute.Strategy | None:
+    """MultiWorkerMirroredStrategy for a worker of several (TF_CONFIG), MirroredStrategy for
+    one worker of several devices, None for a plain single-device run."""
+    if place.distributed:
+        loopback = all(h.split(":")[0] in ("127.0.0.1", "localhost") for h in place.tf_workers)
+        # On one machine (`cotrain run`) workers may share a GPU, which NCCL refuses: use rings.
+        implementation = (
+            tf.distribute.experimental.CommunicationImplementation.RING
+            if loopback
+            else tf.distribute.experimental.CommunicationImplementation.AUTO
+        )
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=tf.distribute.experimental.CommunicationOptions(
+                implementation=implementation
+            )
+        )
+    if member.gpu.count > 1:
+        return tf.distribute.MirroredStrategy()
+    return None
+
+
 def train(member: Member, progress: ProgressWriter) -> None:
-    """Train the member's built-in model on its synthetic data set with `model.fit`."""
+    """Train the member's built-in model on its synthetic data set: with `model.fit` alone, or
+    data-parallel under a tf.distribute strategy (see `strategy_for`)."""
+    place = World.from_env(Framework.TENSORFLOW, os.environ)
+    strategy = strategy_for(member, place)  # before any other op: it starts the runtime
+    if strategy is not None:
+        train_distributed(member, progress, strategy, place)
+        return
     data = data_for(member)
     steps = total_steps(member, data.samples)
     keras.utils.set_random_seed(SEED)
@@ -172,19 +219,82 @@ def train(member: Member, progress: ProgressWriter) -> None:
         optimizer=keras.optimizers.Adam(learning_rate=member.learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    options = tf.data.Options()
-    # tf.data has its own thread pool (one thread per core by default): keep it within the cap.
-    threads = tf.config.threading.get_intra_op_parallelism_threads()
-    options.threading.private_threadpool_size = threads
-    options.threading.max_intra_op_parallelism = 1
     dataset = (
         tf.data.Dataset.from_tensor_slices((data.x, data.y))
         .shuffle(data.samples, seed=SEED, reshuffle_each_iteration=True)
         .batch(member.batch_size, drop_remainder=True)
         .repeat()
-        .with_options(options)
+        .with_options(_dataset_options())
     )
     callback = KerasProgress(steps, member.batch_size, data.samples, progress)
     model.fit(
         dataset, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False, callbacks=[callback]
     )
+
+
+def train_distributed(
+    member: Member, progress: ProgressWriter, strategy: tf.distribute.Strategy, place: World
+) -> None:
+    """A custom loop under `strategy` (Keras 3's `fit` fails under MultiWorkerMirroredStrategy,
+    keras-team/keras#20585): each worker trains on its shard, `batchSize` per replica, the
+    gradients all-reduced by the optimizer; every worker reports, the supervisor reads worker
+    0's."""
+    replicas = strategy.num_replicas_in_sync
+    kind = "MultiWorkerMirroredStrategy" if place.distributed else "MirroredStrategy"
+    print(
+        f"tf.distribute: {kind}, {replicas} replica(s) in sync "
+        f"(worker {place.rank} of {place.size})"
+    )
+    global_batch = member.batch_size * replicas
+    # Each worker batches the global batch (which the strategy rebatches): its shard must hold one.
+    data = data_for(member, replicas * place.size)
+    steps = total_steps(member, data.samples, replicas)
+    keras.utils.set_random_seed(SEED)  # the same initial weights on every worker
+    with strategy.scope():
+        model = build_model(builtin_model(member))
+        optimizer = keras.optimizers.Adam(learning_rate=member.learning_rate)
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+    own = shard(data.samples, place.rank, place.size)
+    x, y = np.ascontiguousarray(data.x[own]), np.ascontiguousarray(data.y[own])
+    options = _dataset_options()
+    # Each worker reads its own shard: no automatic sharding on top.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    dataset = (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .shuffle(len(x), seed=SEED + place.rank, reshuffle_each_iteration=True)
+        # The strategy splits a batch among the replicas: batch the global batch.
+        .batch(global_batch, drop_remainder=True)
+        .repeat()
+        .with_options(options)
+    )
+    batches = iter(strategy.experimental_distribute_dataset(dataset))
+
+    def replica_step(inputs: Any, labels: Any) -> Any:
+        with tf.GradientTape() as tape:
+            per_sample = loss_fn(labels, model(inputs, training=True))
+            loss = tf.reduce_sum(per_sample) / global_batch
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+        return loss
+
+    @tf.function  # type: ignore[untyped-decorator]
+    def train_step(iterator: Any) -> Any:
+        inputs, labels = next(iterator)
+        losses = strategy.run(replica_step, args=(inputs, labels))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
+
+    # A step is a global batch of every replica's samples (rank 0's report is the member's).
+    samples = member.batch_size * replicas
+    if tf.config.list_physical_devices("GPU"):
+        progress.memory_probe = _gpu_memory
+    seen = 0
+    for step in range(1, steps + 1):
+        loss = train_step(batches)
+        seen += samples
+        progress.step(
+            step,
+            loss=lambda loss=loss: float(loss),
+            samples=samples,
+            total_steps=steps,
+            epoch=seen // data.samples,
+        )

@@ -10,14 +10,18 @@ Imported only by PyTorch member processes (and user programs that want the hook)
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from cotrain_operator.api.contract import PlannedBudget
-from cotrain_operator.api.models import BuiltinModel, Member
+from cotrain_operator.api.models import BuiltinModel, Framework, Member
 from cotrain_trainer import report
 from cotrain_trainer.caps import memory_fraction
+from cotrain_trainer.distributed import World
 from cotrain_trainer.frameworks import AppliedCaps
 from cotrain_trainer.frameworks.synthetic import (
     CLASSES,
@@ -27,35 +31,52 @@ from cotrain_trainer.frameworks.synthetic import (
     SEED,
     builtin_model,
     data_for,
+    shard,
     total_steps,
 )
 from cotrain_trainer.gpu import CPU, Device
 from cotrain_trainer.report import ProgressWriter
 
 
+def world() -> World:
+    """This process's data-parallel world, from torch.distributed's environment variables."""
+    return World.from_env(Framework.PYTORCH, os.environ)
+
+
+def device_index() -> int:
+    """The CUDA device of this process: its LOCAL_RANK (wrapped when there are fewer devices)."""
+    return world().local_rank % max(1, torch.cuda.device_count())
+
+
 def detect_device(device_memory_bytes: int | None = None) -> Device:
-    """CUDA device 0 when torch can use one, else the CPU."""
+    """This process's CUDA device (LOCAL_RANK, 0 alone) when torch can use one, else the CPU."""
     if not torch.cuda.is_available():
         return CPU
-    total = device_memory_bytes or torch.cuda.get_device_properties(0).total_memory
-    return Device(kind="cuda", name=torch.cuda.get_device_name(0), total_memory_bytes=total)
+    index = device_index()
+    total = device_memory_bytes or torch.cuda.get_device_properties(index).total_memory
+    return Device(kind="cuda", name=torch.cuda.get_device_name(index), total_memory_bytes=total)
 
 
 def apply_memory_cap(budget: PlannedBudget, device: Device) -> str:
-    """Cap this process's share of the device's memory; say what was done."""
+    """Cap this process's share of its device's memory; say what was done."""
     if not device.is_gpu:
         return "none: no GPU"
     fraction = memory_fraction(budget.memory_bytes, device.total_memory_bytes)
     if fraction is None:
         return "none: no memory budget"
-    torch.cuda.set_per_process_memory_fraction(fraction, 0)
+    torch.cuda.set_per_process_memory_fraction(fraction, device_index())
     total_mib = (device.total_memory_bytes or 0) // 2**20
     return f"fraction {fraction:.4f} of {total_mib} MiB"
 
 
-def apply_caps(budget: PlannedBudget, device_memory_bytes: int | None) -> AppliedCaps:
-    """Thread and memory caps, before any tensor is made."""
+def apply_caps(
+    budget: PlannedBudget, device_memory_bytes: int | None, devices: int = 1
+) -> AppliedCaps:
+    """Thread and memory caps, before any tensor is made. A PyTorch process uses one device
+    (a data-parallel member runs one process per device), so `devices` changes nothing here."""
     torch.set_num_threads(budget.cpu_threads)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device_index())
     # Raises when already set or when the pool has started (a late call): what is in force is
     # reported below either way.
     with contextlib.suppress(RuntimeError):
@@ -71,7 +92,7 @@ def apply_caps(budget: PlannedBudget, device_memory_bytes: int | None) -> Applie
 
 
 def _cuda_memory() -> tuple[int | None, int | None]:
-    return torch.cuda.memory_reserved(0), torch.cuda.max_memory_reserved(0)
+    return torch.cuda.memory_reserved(), torch.cuda.max_memory_reserved()  # its own device
 
 
 class TorchProgress:
@@ -146,33 +167,62 @@ def build_model(kind: BuiltinModel) -> nn.Module:
     )
 
 
+def init_distributed(place: World, on_cuda: bool) -> str:
+    """Join the member's process group (MASTER_ADDR/PORT, RANK, WORLD_SIZE from the
+    environment): NCCL when every local rank has a CUDA device of its own, else gloo."""
+    enough_devices = on_cuda and torch.cuda.device_count() >= place.local_size
+    backend = "nccl" if enough_devices else "gloo"
+    dist.init_process_group(backend, rank=place.rank, world_size=place.size)
+    return backend
+
+
 def train(member: Member, progress: ProgressWriter) -> None:
-    """Train the member's built-in model on its synthetic data set."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Train the member's built-in model on its synthetic data set; data-parallel (DDP, each
+    rank on its own shard, `batchSize` per rank) when the process is one of several."""
+    place = world()
+    on_cuda = torch.cuda.is_available()
+    device = torch.device("cuda", device_index()) if on_cuda else torch.device("cpu")
+    if place.distributed:
+        backend = init_distributed(place, on_cuda)
+        print(f"torch.distributed: rank {dist.get_rank()} of {dist.get_world_size()} ({backend})")
+    try:
+        _train(member, progress, place, device)
+    finally:
+        if place.distributed:
+            dist.destroy_process_group()
+
+
+def _train(member: Member, progress: ProgressWriter, place: World, device: torch.device) -> None:
     kind = builtin_model(member)
-    data = data_for(member)
-    steps = total_steps(member, data.samples)
-    torch.manual_seed(SEED)
-    x = torch.from_numpy(data.x)
+    data = data_for(member, place.size)
+    steps = total_steps(member, data.samples, place.size)
+    torch.manual_seed(SEED)  # the same initial weights on every rank (DDP broadcasts rank 0's)
+    own = shard(data.samples, place.rank, place.size)
+    x = torch.from_numpy(data.x[own])
     if kind == BuiltinModel.CNN:
         x = x.permute(0, 3, 1, 2).contiguous()  # channels-last data, channels-first convs
-    x, y = x.to(device), torch.from_numpy(data.y).to(device)
-    model = build_model(kind).to(device)
+    x, y = x.to(device), torch.from_numpy(data.y[own]).to(device)
+    samples = int(x.shape[0])
+    model: nn.Module = build_model(kind).to(device)
+    if place.distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=ids)
     optimizer = torch.optim.Adam(model.parameters(), lr=member.learning_rate)
     loss_fn = nn.CrossEntropyLoss()
-    hook = TorchProgress(steps, member.batch_size, data.samples, progress)
     batch = member.batch_size
-    per_epoch = max(1, data.samples // batch)
-    shuffle = torch.Generator().manual_seed(SEED)
-    order = torch.randperm(data.samples, generator=shuffle)
+    # Rank 0 reports for the member: a step is a global batch of every rank's samples.
+    hook = TorchProgress(steps, batch * place.size, data.samples, progress)
+    per_epoch = max(1, samples // batch)
+    shuffle = torch.Generator().manual_seed(SEED + place.rank)
+    order = torch.randperm(samples, generator=shuffle)
     model.train()
     for index in range(steps):
         position = index % per_epoch
         if position == 0 and index:
-            order = torch.randperm(data.samples, generator=shuffle)
+            order = torch.randperm(samples, generator=shuffle)
         batch_index = order[position * batch : (position + 1) * batch].to(device)
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(x[batch_index]), y[batch_index])
-        loss.backward()
+        loss.backward()  # DDP all-reduces the gradients here
         optimizer.step()
         hook.after_step(loss)
