@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Iterable, Mapping
@@ -30,6 +31,14 @@ Key = tuple[str, str]  # (namespace, name)
 T = TypeVar("T")
 MAX_BACKOFF_SECONDS = 60.0
 PHASES = ("Pending", "Running", "Succeeded", "Failed", "Suspended")
+# The batch each kind of child is created in (pods and anything else: 2).
+CREATE_ORDER = {"ServiceAccount": 0, "Role": 0, "RoleBinding": 1}
+# Status fields that only inform: the progress column and the node a pod was bound to. A status
+# patch that changes nothing else waits until STATUS_REFRESH_SECONDS after the job's last status
+# write (phases, conditions and members are written at once), so that trainer reports, every few
+# seconds from every member, do not each cost the API server a second write.
+INFORMATIONAL = frozenset({"progress", "sharing"})
+STATUS_REFRESH_SECONDS = float(os.environ.get("COTRAIN_STATUS_REFRESH_SECONDS", "10"))
 
 
 class Controller:
@@ -47,6 +56,7 @@ class Controller:
         self._timers: dict[Key, asyncio.TimerHandle] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._phases: dict[Key, str] = {}
+        self._status_written: dict[Key, float] = {}  # time.monotonic() of the last status patch
         self._phase_counts: dict[str, int] = defaultdict(int)
         for phase in PHASES:
             metrics.JOBS.labels(phase).set(0)
@@ -59,12 +69,13 @@ class Controller:
             self.jobs.pop(key, None)
             self.pods.pop(key, None)
             self._failures.pop(key, None)
+            self._status_written.pop(key, None)
             timer = self._timers.pop(key, None)
             if timer:
                 timer.cancel()
             self._count_phase(key)
             return
-        self.jobs[key] = dict(body)
+        self.jobs[key] = _cached(body)
         self._count_phase(key)
         self.enqueue(key)
 
@@ -75,9 +86,13 @@ class Controller:
             return
         key = (str(metadata.get("namespace")), str(job_name))
         if event_type == "DELETED":
-            self.pods[key].pop(str(metadata.get("name")), None)
+            pods = self.pods.get(key)
+            if pods is not None:
+                pods.pop(str(metadata.get("name")), None)
+                if not pods and key not in self.jobs:
+                    del self.pods[key]
         else:
-            self.pods[key][str(metadata.get("name"))] = dict(body)
+            self.pods[key][str(metadata.get("name"))] = _cached(body)
         if key in self.jobs:
             self.enqueue(key)
 
@@ -187,23 +202,30 @@ class Controller:
                 name,
                 ", ".join(f"{c['kind']} {c['metadata']['name']}" for c in decision.create),
             )
-        # Children in two parallel batches, two round trips instead of one per object: the
-        # reporting identity first, since a pod may only name a ServiceAccount that exists.
-        identity = [c for c in decision.create if c["kind"] != "Pod"]
-        pods = [c for c in decision.create if c["kind"] == "Pod"]
-        await _all(self.api.create(child) for child in identity)
-        for child, created in zip(pods, await _all(self.api.create(c) for c in pods), strict=True):
-            if created is not None:
-                self.pods[key][child["metadata"]["name"]] = created
+        # Children in parallel batches, in the order the API server needs: a RoleBinding may
+        # only name a Role that exists (the escalation check reads it), a pod only a
+        # ServiceAccount that exists; and no pod before its whole reporting identity, since a
+        # retry recreates the identity only along with missing pods.
+        for batch in sorted({CREATE_ORDER.get(c["kind"], 2) for c in decision.create}):
+            children = [c for c in decision.create if CREATE_ORDER.get(c["kind"], 2) == batch]
+            for child, created in zip(
+                children, await _all(self.api.create(c) for c in children), strict=True
+            ):
+                if created is not None and child["kind"] == "Pod":
+                    self.pods[key][child["metadata"]["name"]] = _cached(created)
         for pod in decision.delete_pods:
             log.info("%s/%s: deleting pod %s (job %s)", namespace, name, pod, decision.phase)
         await _all(self.api.delete_pod(namespace, pod) for pod in decision.delete_pods)
-        if decision.status_patch:
+        wait = self._refresh_wait(key, decision.status_patch)
+        if wait > 0:
+            decision.requeue(wait)
+        elif decision.status_patch:
             patched = await self.api.patch_status(
                 namespace, name, decision.status_patch, body["metadata"].get("resourceVersion")
             )
+            self._status_written[key] = time.monotonic()
             if patched is not None and self.jobs.get(key) is body:
-                self.jobs[key] = patched
+                self.jobs[key] = _cached(patched)
                 self._count_phase(key)
         await _all(
             self.api.post_event(body, event.type, event.reason, event.message)
@@ -212,6 +234,13 @@ class Controller:
         if decision.delete_job:
             await self.api.delete_job(namespace, name, body["metadata"]["uid"])
         return decision
+
+    def _refresh_wait(self, key: Key, patch: Mapping[str, Any]) -> float:
+        """Seconds to hold back a status patch that only refreshes informational fields."""
+        written = self._status_written.get(key)
+        if not patch or written is None or not patch.keys() <= INFORMATIONAL:
+            return 0.0
+        return written + STATUS_REFRESH_SECONDS - time.monotonic()
 
     def _count_phase(self, key: Key) -> None:
         """Keep the jobs-by-phase gauge in step with one job: O(1) per event, not O(jobs)."""
@@ -239,6 +268,16 @@ async def _all(calls: Iterable[Awaitable[T]]) -> list[T]:
         if isinstance(result, BaseException):
             raise result
     return results  # type: ignore[return-value]
+
+
+def _cached(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A shallow copy of an object to keep in a cache, less metadata.managedFields: the field
+    managers' bookkeeping is about half of a job's or a pod's memory, and no decision reads it."""
+    copy = dict(body)
+    metadata = copy.get("metadata")
+    if isinstance(metadata, Mapping) and "managedFields" in metadata:
+        copy["metadata"] = {k: v for k, v in metadata.items() if k != "managedFields"}
+    return copy
 
 
 def _key(body: Mapping[str, Any]) -> Key:

@@ -1,14 +1,16 @@
 """The only module of the operator that talks to the Kubernetes API (besides kopf's watches).
 
 Owns every write the operator makes — create-if-absent children, pod deletions, status merge
-patches guarded by resourceVersion, job deletion with a UID precondition, Events — through the
-`kubernetes` client, off the event loop. Each call is counted in the metrics by verb and outcome;
-"already exists" and "already gone" are successes, so every call is safe to repeat.
+patches guarded by resourceVersion, job deletion with a UID precondition, Events — as plain JSON
+over the `kubernetes` client's connection pool and credentials, off the event loop. Each call is
+counted in the metrics by verb and outcome; "already exists" and "already gone" are successes,
+so every call is safe to repeat.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -45,8 +47,26 @@ def load_config() -> None:
         config.load_kube_config()  # type: ignore[no-untyped-call]
 
 
+# Where each kind of child is created: (API path prefix, plural).
+COLLECTIONS = {
+    "Pod": ("/api/v1", "pods"),
+    "ServiceAccount": ("/api/v1", "serviceaccounts"),
+    "Service": ("/api/v1", "services"),
+    "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
+    "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
+}
+JOBS_PATH = f"/apis/{GROUP}/{VERSION}"
+
+
 class KubeApi:
-    """Thin async wrappers over the typed clients."""
+    """Async wrappers that send and receive plain JSON over the `kubernetes` client's
+    connection pool and credentials.
+
+    The typed methods would validate every body into the client's pydantic models, dump it back
+    to JSON, and parse each answer into models that the operator then turns back into dicts;
+    that round trip cost more CPU than the rest of admitting a job. The bodies here are already
+    plain dicts (the builders make them), and so are the answers the caches keep.
+    """
 
     def __init__(
         self, api_client: client.ApiClient | None = None, threads: int = API_THREADS
@@ -59,9 +79,31 @@ class KubeApi:
             api_client = client.ApiClient(configuration)
         self.api_client = api_client
         self._executor = ThreadPoolExecutor(max(1, threads), thread_name_prefix="cotrain-api")
-        self.core = client.CoreV1Api(self.api_client)
-        self.rbac = client.RbacAuthorizationV1Api(self.api_client)
-        self.custom = client.CustomObjectsApi(self.api_client)
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> Any:
+        """One request with the client's credentials (refreshed as it refreshes them); the
+        answer's JSON, or ApiException (404, 409, ...) as the typed methods raise it."""
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        method, url, headers, _, _ = self.api_client.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=list((query or {}).items()),
+            header_params=headers,
+            auth_settings=["BearerToken"],
+        )
+        response = self.api_client.call_api(method, url, header_params=headers, body=body)
+        data = response.read()  # type: ignore[no-untyped-call]
+        if not 200 <= response.status <= 299:
+            text = data.decode("utf-8", "replace") if data else None
+            raise ApiException.from_response(http_resp=response, body=text, data=None)
+        return json.loads(data) if data else None
 
     async def _call(self, verb: str, resource: str, function: Callable[[], T]) -> T:
         try:
@@ -72,71 +114,54 @@ class KubeApi:
         metrics.API_REQUESTS.labels(verb, resource, "ok").inc()
         return result
 
-    def _plain(self, value: Any) -> dict[str, Any]:
-        plain = self.api_client.sanitize_for_serialization(value)  # type: ignore[no-untyped-call]
-        return plain if isinstance(plain, dict) else {}
-
     async def create(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
         """Create `body`; None when it already exists (the earlier create won)."""
         namespace = body["metadata"]["namespace"]
         kind = body["kind"]
-        creators: dict[str, Callable[[], Any]] = {
-            "Pod": lambda: self.core.create_namespaced_pod(
-                namespace, client.V1Pod.model_validate(body), field_manager=FIELD_MANAGER
-            ),
-            "ServiceAccount": lambda: self.core.create_namespaced_service_account(
-                namespace,
-                client.V1ServiceAccount.model_validate(body),
-                field_manager=FIELD_MANAGER,
-            ),
-            "Role": lambda: self.rbac.create_namespaced_role(
-                namespace, client.V1Role.model_validate(body), field_manager=FIELD_MANAGER
-            ),
-            "RoleBinding": lambda: self.rbac.create_namespaced_role_binding(
-                namespace, client.V1RoleBinding.model_validate(body), field_manager=FIELD_MANAGER
-            ),
-        }
+        prefix, plural = COLLECTIONS[kind]
+        path = f"{prefix}/namespaces/{namespace}/{plural}"
         try:
-            created = await self._call("create", kind.lower(), creators[kind])
+            created = await self._call(
+                "create",
+                kind.lower(),
+                lambda: self._request("POST", path, body, {"fieldManager": FIELD_MANAGER}),
+            )
         except ApiException as error:
             if error.status == 409:
                 return None
             raise
-        return self._plain(created)
+        return created if isinstance(created, dict) else {}
 
     async def delete_pod(self, namespace: str, name: str) -> None:
+        path = f"/api/v1/namespaces/{namespace}/pods/{name}"
         try:
             await self._call(
                 "delete",
                 "pod",
-                lambda: self.core.delete_namespaced_pod(
-                    name, namespace, propagation_policy="Background"
-                ),
+                lambda: self._request("DELETE", path, query={"propagationPolicy": "Background"}),
             )
         except ApiException as error:
             if error.status != 404:
                 raise
 
     async def patch_status(
-        self, namespace: str, name: str, status: Mapping[str, Any], resource_version: str | None
+        self,
+        namespace: str,
+        name: str,
+        status: Mapping[str, Any],
+        resource_version: str | None,
     ) -> dict[str, Any] | None:
         """Merge-patch the job's status; ConflictError if it changed since `resource_version`."""
         body: dict[str, Any] = {"status": dict(status)}
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
+        path = f"{JOBS_PATH}/namespaces/{namespace}/{PLURAL}/{name}/status"
         try:
             patched = await self._call(
                 "patch",
                 f"{PLURAL}/status",
-                lambda: self.custom.patch_namespaced_custom_object_status(
-                    GROUP,
-                    VERSION,
-                    namespace,
-                    PLURAL,
-                    name,
-                    body,
-                    field_manager=FIELD_MANAGER,
-                    _content_type=MERGE_PATCH,
+                lambda: self._request(
+                    "PATCH", path, body, {"fieldManager": FIELD_MANAGER}, MERGE_PATCH
                 ),
             )
         except ApiException as error:
@@ -150,17 +175,15 @@ class KubeApi:
 
     async def delete_job(self, namespace: str, name: str, uid: str) -> None:
         """Delete the job (its children go with it, by owner references) if it is still `uid`."""
-        options = client.V1DeleteOptions.model_validate(
-            {"preconditions": {"uid": uid}, "propagationPolicy": "Background"}
-        )
+        options = {
+            "apiVersion": "v1",
+            "kind": "DeleteOptions",
+            "preconditions": {"uid": uid},
+            "propagationPolicy": "Background",
+        }
+        path = f"{JOBS_PATH}/namespaces/{namespace}/{PLURAL}/{name}"
         try:
-            await self._call(
-                "delete",
-                PLURAL,
-                lambda: self.custom.delete_namespaced_custom_object(
-                    GROUP, VERSION, namespace, PLURAL, name, body=options
-                ),
-            )
+            await self._call("delete", PLURAL, lambda: self._request("DELETE", path, options))
         except ApiException as error:
             if error.status not in (404, 409):
                 raise
@@ -197,13 +220,13 @@ class KubeApi:
             "lastTimestamp": stamp,
             "count": 1,
         }
+        path = f"/api/v1/namespaces/{metadata['namespace']}/events"
         try:
-            await self._call(
-                "create",
-                "event",
-                lambda: self.core.create_namespaced_event(
-                    metadata["namespace"], client.CoreV1Event.model_validate(body)
-                ),
-            )
+            await self._call("create", "event", lambda: self._request("POST", path, body))
         except ApiException as error:  # an Event is never worth failing a reconcile for
-            log.warning("could not post event %s on %s: %s", reason, metadata["name"], error.reason)
+            log.warning(
+                "could not post event %s on %s: %s",
+                reason,
+                metadata["name"],
+                error.reason,
+            )

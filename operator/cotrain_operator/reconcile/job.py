@@ -309,9 +309,7 @@ def decide(
     return decision
 
 
-def _start_time(
-    pods: Sequence[Mapping[str, Any]], decision: Decision, now: datetime
-) -> str | None:
+def _start_time(pods: Sequence[Mapping[str, Any]], decision: Decision, now: datetime) -> str | None:
     """When the job's first pod was made: its own creation time when an earlier run of the
     operator created it but stopped before writing the status, else now if this one does."""
     created = sorted(
