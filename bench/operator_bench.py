@@ -616,6 +616,9 @@ def training(
             trainers.report(member, settle=False, step=min(STEPS, tick * 20), loss=1.0 / tick)
     time.sleep(max(0.0, started + tick * report_interval - time.monotonic()))
     log = bench.proxy.log(first)
+    # Let the last progress refreshes out (the operator holds them back up to 10 s) before
+    # anything else is measured; they are not counted here, as after any other window's end.
+    bench.wait_quiet(quiet=12.0)
     return TrainingResult(
         jobs=jobs,
         seconds=time.monotonic() - started,
