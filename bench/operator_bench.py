@@ -615,13 +615,14 @@ def training(
             time.sleep(max(0.0, started + offset - time.monotonic()))
             trainers.report(member, settle=False, step=min(STEPS, tick * 20), loss=1.0 / tick)
     time.sleep(max(0.0, started + tick * report_interval - time.monotonic()))
+    elapsed = time.monotonic() - started
     log = bench.proxy.log(first)
     # Let the last progress refreshes out (the operator holds them back up to 10 s) before
     # anything else is measured; they are not counted here, as after any other window's end.
     bench.wait_quiet(quiet=12.0)
     return TrainingResult(
         jobs=jobs,
-        seconds=time.monotonic() - started,
+        seconds=elapsed,
         report_interval=report_interval,
         reports=tick * len(MEMBERS) * jobs,
         writes=Counter(f"{r.method} {_resource(r)}" for r in log if _kind(r) == "write"),
