@@ -8,11 +8,15 @@ is the operator's API traffic (the bench's own client talks to the API server di
 
 - raw: the control plane creating N CoTrainJobs from a plain client with no operator running
   (`--concurrency` threads), measured before the operator starts and again after it stops;
+- replay: with no operator either, the same client threads make, per job, the very writes that
+  admit it (create the job, then its pod and its first status as `decide()` builds them): what
+  the control plane can do for an admission, i.e. the ceiling for any operator here;
 - admission: N CoTrainJobs created with the same client and concurrency while the operator runs;
   per job, the latency from the client-side create call to the moment the bench's own pod watch
   sees the job's pod ADDED (both on the bench's clock: creationTimestamp has whole-second
   resolution, too coarse for this); jobs/s from the first create to the last pod; and that rate
-  as a share of the raw create rate (target >= 50%). Operator and API-server CPU per job too;
+  as a share of the raw create rate (target >= 50%) and of the replay rate. Operator and
+  API-server CPU per job too;
 - API cost: requests per job over a full lifecycle (create -> pod created -> bound and Running ->
   trainer reports -> members Succeeded, pod Succeeded -> job Succeeded), the kubelet and the
   trainer played by the bench; writes (POST/PUT/PATCH/DELETE, Events included: they are writes)
@@ -45,6 +49,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +70,11 @@ from tests.fixtures.jobs import a_job  # noqa: E402
 from tests.fixtures.kube import GROUP, PLURAL, VERSION, Kube, wait_for  # noqa: E402
 from tests.fixtures.nodes import gpu_node  # noqa: E402
 from tests.fixtures.operator_process import OperatorProcess  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "operator"))
+from cotrain_operator.reconcile.access import build_trainer_identity  # noqa: E402
+from cotrain_operator.reconcile.job import decide  # noqa: E402
+from cotrain_operator.sharing import GpuNode, parse_node  # noqa: E402
 
 WRITES = ("POST", "PUT", "PATCH", "DELETE")
 POOL_LABEL = "cotrain.bench/pool"
@@ -287,6 +297,7 @@ class Bench:
     work: Path
     operator: OperatorProcess | None = None
     nodes: list[str] = field(default_factory=list)
+    inventory: list[GpuNode] = field(default_factory=list)
 
     @property
     def operator_pid(self) -> int:
@@ -316,15 +327,14 @@ class Bench:
     def create_nodes(self, count: int, replicas: int) -> None:
         for index in range(count):
             name = f"bench-gpu-{index}"
-            self.kube.create_node(
-                gpu_node(
-                    name,
-                    sharing="time-slicing",
-                    replicas=replicas,
-                    extra_labels={POOL_LABEL: "bench"},
-                )
+            node = gpu_node(
+                name, sharing="time-slicing", replicas=replicas, extra_labels={POOL_LABEL: "bench"}
             )
+            self.kube.create_node(node)
             self.nodes.append(name)
+            parsed = parse_node(node)
+            assert parsed is not None
+            self.inventory.append(parsed)
 
     def start_operator(self, env: dict[str, str] | None = None) -> None:
         token = self.cp.service_account_token(
@@ -363,8 +373,13 @@ class Bench:
                 return since
         raise AssertionError(f"the operator was still busy after {timeout}s")
 
-    def create_jobs(self, namespace: str, names: list[str]) -> list[tuple[float, float]]:
-        """Create the jobs with `concurrency` threads; (start, end) of each call (time.time())."""
+    def create_jobs(
+        self, namespace: str, names: list[str], admit: bool = False
+    ) -> list[tuple[float, float]]:
+        """Create the jobs with `concurrency` threads; (start, end) of each call (time.time()).
+        With `admit`, each thread then writes what admits its job, as the operator would: the
+        pod and the first status that decide() makes of the created job; `end` is when the pod
+        was created."""
         custom = self.kube.custom
         selector = {"nodeSelector": {POOL_LABEL: "bench"}}
 
@@ -374,12 +389,40 @@ class Bench:
             response = custom.create_namespaced_custom_object(
                 GROUP, VERSION, namespace, PLURAL, body, _preload_content=False
             )
-            response.read()
+            created = json.loads(response.read())
             response.release_conn()
-            return started, time.time()
+            if not admit:
+                return started, time.time()
+            decision = decide(created, [], self.inventory, datetime.now(UTC))
+            (pod,) = (c for c in decision.create if c["kind"] == "Pod")
+            self.send("POST", f"/api/v1/namespaces/{namespace}/pods", pod)
+            pod_created = time.time()
+            self.send(
+                "PATCH",
+                f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status",
+                {"status": decision.status_patch},
+                "application/merge-patch+json",
+            )
+            return started, pod_created
 
         with ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(create, names))
+
+    def send(
+        self, method: str, path: str, body: Any, content_type: str = "application/json"
+    ) -> None:
+        """One write in plain JSON, as the operator's k8s.py sends it (no typed models)."""
+        api = self.kube.api_client
+        method, url, headers, _, _ = api.param_serialize(
+            method=method,
+            resource_path=path,
+            header_params={"Accept": "application/json", "Content-Type": content_type},
+            auth_settings=["BearerToken"],
+        )
+        response = api.call_api(method, url, header_params=headers, body=body)
+        response.read()
+        if not 200 <= response.status <= 299:
+            raise RuntimeError(f"{method} {path}: HTTP {response.status}")
 
     def delete_jobs(self, namespace: str) -> None:
         self.kube.custom.delete_collection_namespaced_custom_object(
@@ -412,11 +455,20 @@ class RawResult:
         return self.n / self.seconds
 
 
-def raw_creates(bench: Bench, n: int, tag: str) -> RawResult:
-    """N CoTrainJobs from the plain client, no operator running; then deleted again."""
-    namespace = bench.namespace(f"raw-{tag}-{n}")
+def raw_creates(bench: Bench, n: int, tag: str, admit: bool = False) -> RawResult:
+    """N CoTrainJobs from the plain client, no operator running; then deleted again. With
+    `admit`, the replay: the client also writes each job's pod and first status."""
+    namespace = bench.namespace(f"{'replay' if admit else 'raw'}-{tag}-{n}")
+    if admit:
+        account, binding = build_trainer_identity(namespace)
+        bench.send("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts", account)
+        bench.send(
+            "POST",
+            f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings",
+            binding,
+        )
     with CpuMeter(bench.pids()) as meter:
-        calls = bench.create_jobs(namespace, [f"j{i}" for i in range(n)])
+        calls = bench.create_jobs(namespace, [f"j{i}" for i in range(n)], admit=admit)
     seconds = max(end for _, end in calls) - min(start for start, _ in calls)
     bench.delete_jobs(namespace)
     bench.cp.kubectl("delete", "namespace", namespace, "--wait=false")
@@ -642,20 +694,26 @@ CPU_COLUMNS = (
 )
 
 
-def print_admission(raw: dict[int, list[RawResult]], results: list[AdmissionResult]) -> None:
+def print_admission(
+    raw: dict[int, list[RawResult]],
+    replay: dict[int, list[RawResult]],
+    results: list[AdmissionResult],
+) -> None:
     print()
     print("admission: create N CoTrainJobs -> every job's pod created")
     print("  latency: client-side create call -> the bench's pod watch sees the pod (ADDED)")
     print(
-        f"{'N':>6} {'raw jobs/s':>11} {'op jobs/s':>10} {'op/raw':>7} {'p50 ms':>8} "
+        f"{'N':>6} {'raw jobs/s':>11} {'replay':>7} {'op jobs/s':>10} {'op/raw':>7} "
+        f"{'op/replay':>10} {'p50 ms':>8} "
         f"{'p99 ms':>8} {'max ms':>8} {'create s':>9} {'admit s':>8} {'machine busy':>13}"
         f"{'no pod':>8}"
     )
     for result in results:
         raw_rate = statistics.mean(r.rate for r in raw[result.n])
+        replay_rate = statistics.mean(r.rate for r in replay[result.n])
         print(
-            f"{result.n:>6} {raw_rate:>11.1f} {result.rate:>10.1f} "
-            f"{100 * result.rate / raw_rate:>6.0f}% "
+            f"{result.n:>6} {raw_rate:>11.1f} {replay_rate:>7.1f} {result.rate:>10.1f} "
+            f"{100 * result.rate / raw_rate:>6.0f}% {100 * result.rate / replay_rate:>9.0f}% "
             f"{1000 * percentile(result.latencies, 0.5):>8.0f} "
             f"{1000 * percentile(result.latencies, 0.99):>8.0f} "
             f"{1000 * max(result.latencies):>8.0f} "
@@ -667,21 +725,30 @@ def print_admission(raw: dict[int, list[RawResult]], results: list[AdmissionResu
         + ", ".join(f"N={n}: " + "/".join(f"{r.rate:.0f}" for r in runs) for n, runs in raw.items())
         + " (before/after the operator ran)"
     )
+    print(
+        "  replay jobs/s: the same client writes each job, its pod and its first status itself "
+        "(the ceiling for an operator here); "
+        + ", ".join(
+            f"N={n}: " + "/".join(f"{r.rate:.0f}" for r in runs) for n, runs in replay.items()
+        )
+    )
     print()
     print("CPU per job (ms) while creating (raw) or admitting (op); machine busy includes others'")
     header = "".join(f"{label:>10}" for _, label in CPU_COLUMNS)
-    print(f"{'round':<10}{header}{'total':>10}{'machine busy':>14}")
+    print(f"{'round':<13}{header}{'total':>10}{'machine busy':>14}")
     rows: list[tuple[str, int, dict[str, float], float]] = []
-    for n, runs in raw.items():
-        for index, run in enumerate(runs):
-            rows.append((f"raw{'ab'[index] if len(runs) > 1 else ''} {n}", n, run.cpu, run.machine))
+    for kind, rounds in (("raw", raw), ("replay", replay)):
+        for n, runs in rounds.items():
+            for index, run in enumerate(runs):
+                label = f"{kind}{'ab'[index] if len(runs) > 1 else ''} {n}"
+                rows.append((label, n, run.cpu, run.machine))
     rows += [(f"op {r.n}", r.n, r.cpu, r.machine) for r in results]
     for label, n, cpu, machine in rows:
         if n < 50:  # CPU time comes in 10ms clock ticks: too coarse for a few jobs
             continue
         cells = "".join(f"{1000 * cpu.get(name, 0.0) / n:>10.1f}" for name, _ in CPU_COLUMNS)
         total = 1000 * sum(cpu.values()) / n
-        print(f"{label:<10}{cells}{total:>10.1f}{100 * machine:>13.0f}%")
+        print(f"{label:<13}{cells}{total:>10.1f}{100 * machine:>13.0f}%")
     print()
     for result in results:
         counts = ", ".join(
@@ -849,6 +916,8 @@ def run(
         str(ROOT / "deploy" / "base" / "namespace.yaml"),
         "-f",
         str(ROOT / "deploy" / "base" / "rbac.yaml"),
+        "-f",
+        str(ROOT / "deploy" / "base" / "trainer.yaml"),
     )
     configuration = cp.api_client_configuration()
     configuration.connection_pool_maxsize = max(16, 2 * args.concurrency)
@@ -862,8 +931,10 @@ def run(
         print(f"control plane up in {time.monotonic() - started:.0f}s; measuring raw creates")
         raw_creates(bench, 20, "warmup")  # the first creates of a new CRD are slow
         raw: dict[int, list[RawResult]] = {n: [] for n in sizes}
+        replay: dict[int, list[RawResult]] = {n: [] for n in sizes}
         for n in sizes:
             raw[n].append(raw_creates(bench, n, "a"))
+            replay[n].append(raw_creates(bench, n, "a", admit=True))
         env = dict(item.split("=", 1) for item in args.operator_env)
         if args.operator_path:
             path = os.environ.get("PYTHONPATH")
@@ -896,7 +967,8 @@ def run(
         bench.stop_operator()
         for n in sizes:
             raw[n].append(raw_creates(bench, n, "b"))
-        print_admission(raw, results)
+            replay[n].append(raw_creates(bench, n, "b", admit=True))
+        print_admission(raw, replay, results)
         print_lifecycle(life, train)
         print_memory(memory)
         print(f"\noperator bench: done in {time.monotonic() - started:.0f}s")

@@ -22,6 +22,7 @@ from kubernetes.client.exceptions import ApiException
 
 from cotrain_operator import metrics
 from cotrain_operator.k8s import ConflictError, KubeApi
+from cotrain_operator.reconcile.access import build_trainer_identity
 from cotrain_operator.reconcile.children import LABEL_JOB
 from cotrain_operator.reconcile.job import TERMINAL, Decision, decide
 from cotrain_operator.sharing import GpuNode, parse_node
@@ -31,8 +32,6 @@ Key = tuple[str, str]  # (namespace, name)
 T = TypeVar("T")
 MAX_BACKOFF_SECONDS = 60.0
 PHASES = ("Pending", "Running", "Succeeded", "Failed", "Suspended")
-# The batch each kind of child is created in (pods and anything else: 2).
-CREATE_ORDER = {"ServiceAccount": 0, "Role": 0, "RoleBinding": 1}
 # Status fields that only inform: the progress column and the node a pod was bound to. A status
 # patch that changes nothing else waits until STATUS_REFRESH_SECONDS after the job's last status
 # write (phases, conditions and members are written at once), so that trainer reports, every few
@@ -58,6 +57,7 @@ class Controller:
         self._phases: dict[Key, str] = {}
         self._status_written: dict[Key, float] = {}  # time.monotonic() of the last status patch
         self._phase_counts: dict[str, int] = defaultdict(int)
+        self._identities: set[str] = set()  # namespaces whose trainer identity exists
         for phase in PHASES:
             metrics.JOBS.labels(phase).set(0)
 
@@ -202,17 +202,20 @@ class Controller:
                 name,
                 ", ".join(f"{c['kind']} {c['metadata']['name']}" for c in decision.create),
             )
-        # Children in parallel batches, in the order the API server needs: a RoleBinding may
-        # only name a Role that exists (the escalation check reads it), a pod only a
-        # ServiceAccount that exists; and no pod before its whole reporting identity, since a
-        # retry recreates the identity only along with missing pods.
-        for batch in sorted({CREATE_ORDER.get(c["kind"], 2) for c in decision.create}):
-            children = [c for c in decision.create if CREATE_ORDER.get(c["kind"], 2) == batch]
+        if any(c["kind"] == "Pod" for c in decision.create):
+            await self._ensure_trainer_identity(namespace)
+        try:
             for child, created in zip(
-                children, await _all(self.api.create(c) for c in children), strict=True
+                decision.create,
+                await _all(self.api.create(c) for c in decision.create),
+                strict=True,
             ):
                 if created is not None and child["kind"] == "Pod":
                     self.pods[key][child["metadata"]["name"]] = _cached(created)
+        except ApiException:
+            # E.g. someone deleted the trainer ServiceAccount: the retry makes it again.
+            self._identities.discard(namespace)
+            raise
         for pod in decision.delete_pods:
             log.info("%s/%s: deleting pod %s (job %s)", namespace, name, pod, decision.phase)
         await _all(self.api.delete_pod(namespace, pod) for pod in decision.delete_pods)
@@ -234,6 +237,14 @@ class Controller:
         if decision.delete_job:
             await self.api.delete_job(namespace, name, body["metadata"]["uid"])
         return decision
+
+    async def _ensure_trainer_identity(self, namespace: str) -> None:
+        """The namespace's trainer ServiceAccount and RoleBinding, before its first pod: created
+        once per namespace and operator run (an existing one counts), not once per job."""
+        if namespace in self._identities:
+            return
+        await _all(self.api.create(c) for c in build_trainer_identity(namespace))
+        self._identities.add(namespace)
 
     def _refresh_wait(self, key: Key, patch: Mapping[str, Any]) -> float:
         """Seconds to hold back a status patch that only refreshes informational fields."""

@@ -52,7 +52,6 @@ COLLECTIONS = {
     "Pod": ("/api/v1", "pods"),
     "ServiceAccount": ("/api/v1", "serviceaccounts"),
     "Service": ("/api/v1", "services"),
-    "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
 }
 JOBS_PATH = f"/apis/{GROUP}/{VERSION}"

@@ -42,9 +42,11 @@ def hold_without_pods(kube: Kube, namespace: str, name: str) -> None:
 
 
 def assert_nothing_created(kube: Kube, namespace: str, name: str) -> None:
-    """A job never admitted has no reporting identity either: a queue costs the cluster nothing."""
+    """A job never admitted has no pod, and the (fresh) namespace no trainer identity either: a
+    queue costs the cluster nothing."""
+    assert kube.pods(namespace, name) == []
     with pytest.raises(ApiException) as missing:
-        kube.core.read_namespaced_service_account(f"{name}-trainer", namespace)
+        kube.core.read_namespaced_service_account("cotrain-trainer", namespace)
     assert missing.value.status == 404
 
 

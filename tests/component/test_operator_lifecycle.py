@@ -31,7 +31,10 @@ def test_same_gpu_job_gets_one_pod_and_its_reporting_identity(
     assert status["phase"] == "Pending"
     assert status["sharing"]["mode"] == "TimeSlicing"
     assert status["sharing"]["resource"] == "nvidia.com/gpu.shared"
-    assert kube.core.read_namespaced_service_account("demo-trainer", namespace)
+    # The namespace's trainer identity came with its first pod.
+    assert kube.core.read_namespaced_service_account("cotrain-trainer", namespace)
+    binding = kube.rbac.read_namespaced_role_binding("cotrain-trainer", namespace)
+    assert binding.role_ref.name == "cotrain-trainer"
 
     kube.run_pod(namespace, "demo-gpu-0", node)
     status = kube.wait_phase(namespace, "demo", "Running")

@@ -50,20 +50,17 @@ REPEAT = pytest.mark.parametrize("attempt", [1, 2, 3])
 
 
 def _children(kube: Kube, namespace: str) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for kind, items in (
-        ("pods", kube.core.list_namespaced_pod(namespace).items),
-        (
-            "serviceaccounts",
-            [
-                sa
-                for sa in kube.core.list_namespaced_service_account(namespace).items
-                if sa.metadata.name.endswith("-trainer")
-            ],
+    """The pods, and the namespace's trainer ServiceAccounts and RoleBindings."""
+    trainer = "metadata.name=cotrain-trainer"
+    return {
+        "pods": len(kube.core.list_namespaced_pod(namespace).items),
+        "serviceaccounts": len(
+            kube.core.list_namespaced_service_account(namespace, field_selector=trainer).items
         ),
-    ):
-        counts[kind] = len(items)
-    return counts
+        "rolebindings": len(
+            kube.rbac.list_namespaced_role_binding(namespace, field_selector=trainer).items
+        ),
+    }
 
 
 @REPEAT
@@ -80,8 +77,14 @@ def test_operator_killed_mid_reconcile_duplicates_nothing(
     names = [f"j{i}" for i in range(6)]
     for name in names:
         kube.create_job(namespace, job(name).build())
-    # Kill it as soon as it has begun creating children, then start it again.
-    wait_for("first create", lambda: proxy.requests("POST", "/pods$"), timeout=30, interval=0.01)
+    # Kill it as soon as it has begun creating children (the namespace's trainer identity comes
+    # first), then start it again.
+    wait_for(
+        "first create",
+        lambda: proxy.requests("POST", "/serviceaccounts$"),
+        timeout=30,
+        interval=0.01,
+    )
     proxied_operator.kill()
     proxied_operator.start()
     for name in names:
@@ -92,7 +95,7 @@ def test_operator_killed_mid_reconcile_duplicates_nothing(
                 and kube.pod_names(namespace, n)
             ),
         )
-    assert _children(kube, namespace) == {"pods": 6, "serviceaccounts": 6}
+    assert _children(kube, namespace) == {"pods": 6, "serviceaccounts": 1, "rolebindings": 1}
     for name in names:
         assert kube.pod_names(namespace, name) == [f"{name}-gpu-0"]
     # And the second run carries on from the first: the jobs still run to the end.
@@ -103,7 +106,7 @@ def test_operator_killed_mid_reconcile_duplicates_nothing(
     kube.set_pod_phase(namespace, "j0-gpu-0", "Succeeded", 0)
     status = kube.wait_phase(namespace, "j0", "Succeeded")
     assert status["startTime"]
-    assert _children(kube, namespace) == {"pods": 6, "serviceaccounts": 6}
+    assert _children(kube, namespace) == {"pods": 6, "serviceaccounts": 1, "rolebindings": 1}
 
 
 @REPEAT

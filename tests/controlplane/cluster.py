@@ -617,14 +617,18 @@ class ControlPlane:
         create: bool = True,
         duration: str = "1h",
         audiences: Sequence[str] = (),
+        bound_pod: str | None = None,
     ) -> str:
-        """A bound token for a ServiceAccount (TokenRequest API via `kubectl create token`)."""
+        """A bound token for a ServiceAccount (TokenRequest API via `kubectl create token`);
+        with `bound_pod`, bound to that pod as the kubelet's projected token is."""
         if create:
             proc = self.kubectl("create", "serviceaccount", name, "-n", namespace, check=False)
             if proc.returncode != 0 and "already exists" not in proc.stderr.lower():
                 raise KubectlError(proc.returncode, proc.args, proc.stdout, proc.stderr)
         args = ["create", "token", name, "-n", namespace, f"--duration={duration}"]
         args += [f"--audience={a}" for a in audiences]
+        if bound_pod is not None:
+            args += ["--bound-object-kind=Pod", f"--bound-object-name={bound_pod}"]
         return self.kubectl(*args).stdout.strip()
 
     def service_account_kubeconfig(
@@ -632,7 +636,8 @@ class ControlPlane:
     ) -> Path:
         """Write a kubeconfig that authenticates as system:serviceaccount:<namespace>:<name>."""
         token = self.service_account_token(namespace, name, **token_kw)
-        path = path or self.workdir / "kubeconfigs" / f"sa-{namespace}-{name}.kubeconfig"
+        bound = f"-{token_kw['bound_pod']}" if token_kw.get("bound_pod") else ""
+        path = path or self.workdir / "kubeconfigs" / f"sa-{namespace}-{name}{bound}.kubeconfig"
         return write_kubeconfig(
             path,
             self.server,

@@ -21,6 +21,7 @@ import pytest
 
 from cotrain_operator.api.models import GROUP, PLURAL
 from cotrain_operator.api.validation import parse_job
+from cotrain_operator.reconcile.access import render_trainer_access_yaml
 from cotrain_operator.reconcile.children import job_labels
 from tests.deploy.conftest import DEPLOY, KUSTOMIZATIONS, ROOT, find, load_documents
 
@@ -105,12 +106,30 @@ def test_overlays_install_what_the_base_does(kustomize: Render, overlay: str) ->
     assert kinds(kustomize(overlay)) == kinds(kustomize("deploy/base"))
     assert kinds(kustomize("deploy/base")) == [
         ("ClusterRole", "cotrain-operator"),
+        ("ClusterRole", "cotrain-trainer"),
         ("ClusterRoleBinding", "cotrain-operator"),
         ("CustomResourceDefinition", f"{PLURAL}.{GROUP}"),
         ("Deployment", "cotrain-operator"),
         ("Namespace", "cotrain-system"),
         ("Service", "cotrain-operator-metrics"),
         ("ServiceAccount", "cotrain-operator"),
+        ("ValidatingAdmissionPolicy", "cotrain-trainer-reports-own-job"),
+        ("ValidatingAdmissionPolicyBinding", "cotrain-trainer-reports-own-job"),
+    ]
+
+
+def test_the_trainer_policy_file_is_generated_from_the_code() -> None:
+    committed = (DEPLOY / "base" / "trainer.yaml").read_text()
+    assert committed == render_trainer_access_yaml(), (
+        "deploy/base/trainer.yaml is stale: "
+        "python -m cotrain_operator.reconcile.access > deploy/base/trainer.yaml"
+    )
+
+
+def test_the_trainer_cluster_role_only_reports_status(kustomize: Render) -> None:
+    role = find(kustomize("deploy/base"), "ClusterRole", "cotrain-trainer")
+    assert role["rules"] == [
+        {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]}
     ]
 
 

@@ -231,7 +231,11 @@ def test_a_failing_rank_restarts_the_whole_member_once_and_then_it_succeeds(tmp_
         REASON_COMPLETED,
         1,  # one restart for the gang, not one per rank
     )
-    assert sorted(ranks_run(runs)) == ["0", "0", "1", "1"]  # both ran twice
+    ranks = ranks_run(runs)
+    # Both ranks ran again after the failure; the first time, rank 0 may have been stopped by
+    # the gang before its program recorded that it started.
+    assert ranks.count("1") == 2
+    assert 1 <= ranks.count("0") <= 2
     assert {line.split()[1] for line in runs.read_text().splitlines()} == {"2"}
     restarting = [s for _, s, _ in recorder.changes if s.phase == MemberPhase.RESTARTING]
     assert restarting

@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 
+from cotrain_operator.api.models import CoTrainJobStatus
+from cotrain_operator.reconcile.access import build_trainer_identity, render_trainer_access
 from tests.fixtures.cluster_state import ClusterState
 from tests.fixtures.jobs import a_job
 from tests.fixtures.nodes import gpu_node
@@ -49,7 +51,7 @@ def test_pods_meet_the_restricted_profile_and_request_their_share(
         assert security["allowPrivilegeEscalation"] is False
         assert security["capabilities"] == {"drop": ["ALL"]}
         assert security["runAsNonRoot"] is True
-        assert spec["serviceAccountName"] == "job-trainer"
+        assert spec["serviceAccountName"] == "cotrain-trainer"
         terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
         assert terms["nodeSelectorTerms"][0]["matchExpressions"][0]["values"] == ["n"]
         env = {e["name"] for e in container["env"]}
@@ -60,12 +62,7 @@ def test_pods_meet_the_restricted_profile_and_request_their_share(
 def test_every_child_is_owned_labelled_and_deterministically_named() -> None:
     cluster = children("TimeSlicing", {}, MODES[1][2], "SameGPU")
     objects = [*cluster.pods.values(), *cluster.others.values()]
-    assert sorted(o["metadata"]["name"] for o in objects) == [
-        "job-gpu-0",
-        "job-trainer",
-        "job-trainer",
-        "job-trainer",
-    ]
+    assert sorted(o["metadata"]["name"] for o in objects) == ["job-gpu-0"]
     for item in objects:
         metadata = item["metadata"]
         assert metadata["labels"]["cotrain.dev/job"] == "job"
@@ -76,21 +73,34 @@ def test_every_child_is_owned_labelled_and_deterministically_named() -> None:
         assert owner["controller"] is True
 
 
-def test_the_trainer_role_can_only_patch_its_own_job_status() -> None:
-    cluster = children("TimeSlicing", {}, MODES[1][2], "SameGPU")
-    role = cluster.others[("Role", "job-trainer")]
-    assert role["rules"] == [
-        {
-            "apiGroups": ["cotrain.dev"],
-            "resources": ["cotrainjobs/status"],
-            "resourceNames": ["job"],
-            "verbs": ["get", "patch"],
-        }
-    ]
-    binding = cluster.others[("RoleBinding", "job-trainer")]
+def test_a_namespaces_trainer_identity_is_shared_and_bound_to_the_trainer_cluster_role() -> None:
+    account, binding = build_trainer_identity("team-a")
+    assert (account["kind"], account["metadata"]["name"]) == ("ServiceAccount", "cotrain-trainer")
+    assert binding["kind"] == "RoleBinding"
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "cotrain-trainer",
+    }
     assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": "job-trainer", "namespace": "default"}
+        {"kind": "ServiceAccount", "name": "cotrain-trainer", "namespace": "team-a"}
     ]
+    for item in (account, binding):
+        assert item["metadata"]["namespace"] == "team-a"
+        # No job owns it: deleting a job must not take the other jobs' reporting with it.
+        assert "ownerReferences" not in item["metadata"]
+        assert item["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "cotrain-operator"
+
+
+def test_the_trainer_policy_freezes_every_status_field_but_members() -> None:
+    (policy,) = [d for d in render_trainer_access() if d["kind"] == "ValidatingAdmissionPolicy"]
+    expressions = " ".join(v["expression"] for v in policy["spec"]["validations"])
+    status_fields = set(CoTrainJobStatus.model_json_schema(by_alias=True)["properties"])
+    frozen = {
+        f for f in status_fields if f"object.status.{f} == oldObject.status.{f}" in expressions
+    }
+    assert frozen == status_fields - {"members"}
+    assert "members" in status_fields
 
 
 def test_same_node_pods_get_pod_affinity() -> None:

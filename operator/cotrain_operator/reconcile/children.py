@@ -1,9 +1,9 @@
-"""Builders of the objects a CoTrainJob owns: its pods and its reporting identity.
+"""Builders of the objects a CoTrainJob owns: its trainer pods and its peers' Services.
 
 Owns the exact shape of every child: deterministic names, our labels, an ownerReference to the
-job, the per-job ServiceAccount + Role (get/patch on this job's status only) + RoleBinding, and
-trainer pods that request their GPU share, carry the PodPlan and meet the Pod Security
-"restricted" profile. Pure functions of the job and the placement.
+job, and trainer pods that run as the namespace's trainer ServiceAccount (access.py), request
+their GPU share, carry the PodPlan and meet the Pod Security "restricted" profile. Pure functions
+of the job and the placement.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from cotrain_operator.api.models import (
     API_VERSION,
     GROUP,
     KIND,
-    PLURAL,
     CoTrainJob,
     Framework,
     Member,
     SharingMode,
 )
 from cotrain_operator.api.quantity import parse_quantity
+from cotrain_operator.reconcile.access import TRAINER_SERVICE_ACCOUNT
 from cotrain_operator.reconcile.placement import GroupPlacement, Placement
 
 LABEL_JOB = f"{GROUP}/job"
@@ -79,50 +79,6 @@ def _metadata(body: Mapping[str, Any], name: str, **extra: Any) -> dict[str, Any
         "ownerReferences": [owner_reference(body)],
         **extra,
     }
-
-
-def service_account_name(job_name: str) -> str:
-    return f"{job_name}-trainer"
-
-
-def build_reporting_identity(body: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """ServiceAccount, Role and RoleBinding that let the job's pods patch its status only."""
-    job_name = body["metadata"]["name"]
-    name = service_account_name(job_name)
-    return [
-        {
-            "apiVersion": "v1",
-            "kind": "ServiceAccount",
-            "metadata": _metadata(body, name),
-            "automountServiceAccountToken": True,
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": _metadata(body, name),
-            "rules": [
-                {
-                    "apiGroups": [GROUP],
-                    "resources": [f"{PLURAL}/status"],
-                    "resourceNames": [job_name],
-                    "verbs": ["get", "patch"],
-                }
-            ],
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": _metadata(body, name),
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-            "subjects": [
-                {
-                    "kind": "ServiceAccount",
-                    "name": name,
-                    "namespace": body["metadata"]["namespace"],
-                }
-            ],
-        },
-    ]
 
 
 def pod_name(job_name: str, group: str, attempt: int) -> str:
@@ -317,7 +273,7 @@ def build_pod(
         "spec": {
             **peers,
             "restartPolicy": "Never",
-            "serviceAccountName": service_account_name(job_name),
+            "serviceAccountName": TRAINER_SERVICE_ACCOUNT,
             "automountServiceAccountToken": True,
             "enableServiceLinks": False,
             "terminationGracePeriodSeconds": 30,

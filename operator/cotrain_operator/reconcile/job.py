@@ -40,7 +40,6 @@ from cotrain_operator.reconcile.children import (
     TRAINER_CONTAINER,
     build_peer_services,
     build_pod,
-    build_reporting_identity,
 )
 from cotrain_operator.reconcile.placement import (
     Placement,
@@ -473,7 +472,6 @@ def _create_missing(
                 build_pod(body, job, placement, by_name[state.group.name], attempt, state.restarts)
             )
     if creates:
-        decision.create.extend(build_reporting_identity(body))
         decision.create.extend(build_peer_services(body, job))
         decision.create.extend(creates)
 
@@ -507,7 +505,6 @@ def _retry_crashed(
         return
     group = next(g for g in placement.groups if g.group.name == state.group.name)
     attempt = _attempt(state.current or {}) + 1
-    decision.create.extend(build_reporting_identity(body))
     decision.create.append(build_pod(body, job, placement, group, attempt, next_restarts))
     decision.events.append(
         Event(
@@ -571,7 +568,6 @@ def _settle_gang(
         return
     attempt = max(_attempt(p) for g in gang for p in g.pods) + 1
     by_name = {g.group.name: g for g in placement.groups}
-    decision.create.extend(build_reporting_identity(body))
     decision.create.extend(build_peer_services(body, job))
     for state in gang:
         state.restarts = {member.name: following}
