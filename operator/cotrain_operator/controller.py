@@ -57,7 +57,8 @@ class Controller:
         self._phases: dict[Key, str] = {}
         self._status_written: dict[Key, float] = {}  # time.monotonic() of the last status patch
         self._phase_counts: dict[str, int] = defaultdict(int)
-        self._identities: set[str] = set()  # namespaces whose trainer identity exists
+        # Per namespace, the creation of its trainer identity: done, or under way (shared).
+        self._identities: dict[str, asyncio.Future[None]] = {}
         for phase in PHASES:
             metrics.JOBS.labels(phase).set(0)
 
@@ -214,7 +215,7 @@ class Controller:
                     self.pods[key][child["metadata"]["name"]] = _cached(created)
         except ApiException:
             # E.g. someone deleted the trainer ServiceAccount: the retry makes it again.
-            self._identities.discard(namespace)
+            self._identities.pop(namespace, None)
             raise
         for pod in decision.delete_pods:
             log.info("%s/%s: deleting pod %s (job %s)", namespace, name, pod, decision.phase)
@@ -240,11 +241,21 @@ class Controller:
 
     async def _ensure_trainer_identity(self, namespace: str) -> None:
         """The namespace's trainer ServiceAccount and RoleBinding, before its first pod: created
-        once per namespace and operator run (an existing one counts), not once per job."""
-        if namespace in self._identities:
-            return
+        once per namespace and operator run (an existing one counts), not once per job; the
+        jobs of a burst in a new namespace wait for the one creation under way."""
+        creating = self._identities.get(namespace)
+        if creating is None:
+            creating = asyncio.ensure_future(self._create_trainer_identity(namespace))
+            self._identities[namespace] = creating
+        try:
+            await asyncio.shield(creating)
+        except Exception:
+            if self._identities.get(namespace) is creating:
+                del self._identities[namespace]  # the next reconcile tries again
+            raise
+
+    async def _create_trainer_identity(self, namespace: str) -> None:
         await _all(self.api.create(c) for c in build_trainer_identity(namespace))
-        self._identities.add(namespace)
 
     def _refresh_wait(self, key: Key, patch: Mapping[str, Any]) -> float:
         """Seconds to hold back a status patch that only refreshes informational fields."""

@@ -162,3 +162,34 @@ def test_dropped_watches_do_not_lose_events(
     proxy.drop_watches()
     kube.set_pod_phase(namespace, "watchy-gpu-0", "Succeeded", 0)
     kube.wait_phase(namespace, "watchy", "Succeeded", timeout=60)
+
+
+def test_a_namespaces_trainer_identity_is_made_once_and_again_when_deleted(
+    kube: Kube,
+    namespace: str,
+    make_node: Callable[..., str],
+    job: Callable[[str], JobBuilder],
+    proxied_operator: OperatorProcess,
+    proxy: FaultProxy,
+) -> None:
+    make_node(sharing="time-slicing", replicas=16)
+    names = [f"b{i}" for i in range(8)]
+    for name in names:
+        kube.create_job(namespace, job(name).build())
+    for name in names:
+        wait_for(f"{name}'s pod", lambda n=name: kube.pod_names(namespace, n))
+    # A burst of jobs in a new namespace: one creation of its identity, which they all await.
+    assert len(proxy.requests("POST", rf"/namespaces/{namespace}/serviceaccounts$")) == 1
+    assert len(proxy.requests("POST", rf"/namespaces/{namespace}/rolebindings$")) == 1
+
+    # Someone deletes the ServiceAccount: the next pod is refused by the API server, and the
+    # operator makes the identity again instead of retrying the pod forever.
+    kube.core.delete_namespaced_service_account("cotrain-trainer", namespace)
+    kube.create_job(namespace, job("after").build())
+    wait_for("the pod after", lambda: kube.pod_names(namespace, "after"), timeout=60)
+    refused = [
+        r for r in proxy.requests("POST", rf"/namespaces/{namespace}/pods$") if r.status >= 400
+    ]
+    assert [r.status for r in refused] == [403]
+    assert len(proxy.requests("POST", rf"/namespaces/{namespace}/serviceaccounts$")) == 2
+    assert _children(kube, namespace) == {"pods": 9, "serviceaccounts": 1, "rolebindings": 1}
