@@ -471,6 +471,15 @@ def raw_creates(bench: Bench, n: int, tag: str, admit: bool = False) -> RawResul
         calls = bench.create_jobs(namespace, [f"j{i}" for i in range(n)], admit=admit)
     seconds = max(end for _, end in calls) - min(start for start, _ in calls)
     bench.delete_jobs(namespace)
+    if admit:
+        # Gone before the operator starts (or the next round): a cluster-wide operator would
+        # otherwise find these pods, labelled as ours, in its first list and keep them.
+        bench.kube.core.delete_collection_namespaced_pod(namespace)
+        wait_for(
+            f"pods in {namespace} gone",
+            lambda: not bench.kube.core.list_namespaced_pod(namespace, limit=1).items,
+            timeout=120,
+        )
     bench.cp.kubectl("delete", "namespace", namespace, "--wait=false")
     return RawResult(n, seconds, [end - start for start, end in calls], meter.used, meter.machine)
 
