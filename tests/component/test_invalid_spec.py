@@ -59,6 +59,9 @@ def test_invalid_object_fails_with_invalid_spec_and_no_hot_loop(
             assert kube.pod_names("default", "bad") == []
             # The valid neighbour is not held up by the bad one.
             wait_for("good's pod", lambda: kube.pod_names("default", "good"))
+            # Its status follows its pod: both jobs' status writes are done (and counted).
+            kube.wait_phase("default", "good", "Pending")
+            wait_for("two status writes counted", lambda: _patches(operator) >= 2)
             # No hot loop: the status is written once and then left alone.
             settled = _patches(operator)
             time.sleep(3)
