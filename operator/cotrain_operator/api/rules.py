@@ -10,6 +10,7 @@ are identical on both paths, and the component tests feed the same invalid specs
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -171,6 +172,19 @@ RULES: tuple[Rule, ...] = (
         check=lambda s: (
             s.placement.strategy == PlacementStrategy.POD_PER_MEMBER
             or all(m.replicas == 1 and m.gpu.count == 1 for m in s.members)
+        ),
+    ),
+    Rule(
+        node=CoTrainJobSpec,
+        cel="self.members.all(m, !self.members.exists(o, has(o.replicas) && o.replicas > 1 && "
+        "m.name.matches('^' + o.name + '-[0-9]+$')))",
+        message="a member is named like a replica of a replicated member (<member>-<index>), "
+        "whose pods and names it would share: rename it",
+        field_path=".members",
+        check=lambda s: not any(
+            o.replicas > 1 and re.fullmatch(re.escape(o.name) + r"-[0-9]+", m.name)
+            for m in s.members
+            for o in s.members
         ),
     ),
     Rule(
