@@ -73,6 +73,17 @@ def test_cpu_only_nodes_are_not_gpu_nodes() -> None:
             "nvidia.com/gpu",
             9984 / 1024,
         ),
+        (  # single strategy with its slices time-shared: GFD appends -SHARED to the product
+            "MIG",
+            gpu_node(
+                "a",
+                mig_single="1g.10gb",
+                memory_mib=9984,
+                extra_labels={"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB-MIG-1g.10gb-SHARED"},
+            ),
+            "nvidia.com/gpu",
+            9984 / 1024,
+        ),
     ],
 )
 @pytest.mark.parametrize("strategy", ["SameGPU", "PodPerMember"])

@@ -181,10 +181,12 @@ RULES: tuple[Rule, ...] = (
         message="a member is named like a replica of a replicated member (<member>-<index>), "
         "whose pods and names it would share: rename it",
         field_path=".members",
-        check=lambda s: not any(
-            o.replicas > 1 and re.fullmatch(re.escape(o.name) + r"-[0-9]+", m.name)
-            for m in s.members
-            for o in s.members
+        check=lambda s: (
+            not any(
+                o.replicas > 1 and re.fullmatch(re.escape(o.name) + r"-[0-9]+", m.name)
+                for m in s.members
+                for o in s.members
+            )
         ),
     ),
     Rule(

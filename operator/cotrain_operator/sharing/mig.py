@@ -15,6 +15,8 @@ from cotrain_operator.sharing.inventory import (
     mig_profile_memory_bytes,
 )
 
+SHARED_PRODUCT_SUFFIX = "-SHARED"
+
 
 def mig_resource(profile: str) -> str:
     return f"nvidia.com/mig-{profile}"
@@ -50,7 +52,8 @@ class MIG:
         )
 
     def _single(self, node: GpuNode, profile: str | None) -> Share | Refusal:
-        product = node.product or ""
+        # e.g. NVIDIA-A100-SXM4-80GB-MIG-1g.10gb, "-SHARED" added when the slices are time-shared
+        product = (node.product or "").removesuffix(SHARED_PRODUCT_SUFFIX)
         node_profile = product.rsplit("-MIG-", 1)[1] if "-MIG-" in product else None
         if node_profile is None or (profile is not None and node_profile != profile):
             return Refusal(
