@@ -132,6 +132,26 @@ class Controller:
     def start(self) -> None:
         for index in range(self.workers):
             self._tasks.append(asyncio.create_task(self._work(), name=f"cotrain-worker-{index}"))
+        self._tasks.append(asyncio.create_task(self._check_trainer_policy()))
+
+    async def _check_trainer_policy(self) -> None:
+        """Say so, once at start, when nothing keeps a trainer pod to its own job's status."""
+        try:
+            missing = await self.api.missing_trainer_policy()
+        except ApiException as error:
+            log.warning(
+                "cannot check for the trainer admission policy (HTTP %s %s)",
+                error.status,
+                error.reason,
+            )
+            return
+        metrics.TRAINER_POLICY.set(0 if missing else 1)
+        if missing:
+            log.warning(
+                "%s not found: a trainer pod may write the status of any CoTrainJob in its "
+                "namespace; install deploy/base/trainer.yaml (Kubernetes 1.30 or later)",
+                " and ".join(missing),
+            )
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -10,6 +10,7 @@ so every call is safe to repeat.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from kubernetes.client.exceptions import ApiException
 
 from cotrain_operator import metrics
 from cotrain_operator.api.models import GROUP, KIND, PLURAL, VERSION
+from cotrain_operator.reconcile.access import POLICY_NAME
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,6 +57,7 @@ COLLECTIONS = {
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
 }
 JOBS_PATH = f"/apis/{GROUP}/{VERSION}"
+ADMISSION_PATH = "/apis/admissionregistration.k8s.io/v1"
 
 
 class KubeApi:
@@ -171,6 +174,20 @@ class KubeApi:
                 return None
             raise
         return patched if isinstance(patched, dict) else None
+
+    async def missing_trainer_policy(self) -> list[str]:
+        """Which of the trainer's admission policy and its binding (deploy/base/trainer.yaml)
+        the cluster lacks, as "<plural>/<name>"."""
+        missing = []
+        for plural in ("validatingadmissionpolicies", "validatingadmissionpolicybindings"):
+            path = f"{ADMISSION_PATH}/{plural}/{POLICY_NAME}"
+            try:
+                await self._call("get", plural, functools.partial(self._request, "GET", path))
+            except ApiException as error:
+                if error.status != 404:
+                    raise
+                missing.append(f"{plural}/{POLICY_NAME}")
+        return missing
 
     async def delete_job(self, namespace: str, name: str, uid: str) -> None:
         """Delete the job (its children go with it, by owner references) if it is still `uid`."""

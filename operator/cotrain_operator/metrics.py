@@ -22,6 +22,11 @@ API_REQUESTS = Counter(
     ["verb", "resource", "code"],
 )
 QUEUE_DEPTH = Gauge("cotrain_queue_depth", "Jobs waiting to be reconciled")
+TRAINER_POLICY = Gauge(
+    "cotrain_trainer_policy_installed",
+    "1 when the admission policy that keeps each trainer pod to its own job is installed, "
+    "0 when it is missing (checked at start)",
+)
 
 
 def serve(port: int) -> None:

@@ -69,6 +69,11 @@ def test_invalid_object_fails_with_invalid_spec_and_no_hot_loop(
             assert operator.process is not None
             assert operator.process.poll() is None
             assert not re.search(r"Traceback", operator.logs())
+            # This cluster has the CRD alone: the operator says what keeps trainers apart.
+            assert "validatingadmissionpolicies/cotrain-trainer-reports-own-job and " in (
+                operator.logs()
+            )
+            assert "cotrain_trainer_policy_installed 0.0" in operator.metrics()
             events = cluster.kubectl("get", "events", "-n", "default", "-o", "json").stdout
             reasons = {
                 e["reason"]

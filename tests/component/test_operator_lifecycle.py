@@ -188,6 +188,10 @@ def test_operator_metrics_are_served(operator: OperatorProcess) -> None:
     text = operator.metrics()
     assert "cotrain_reconcile_duration_seconds_bucket" in text
     assert "cotrain_api_requests_total" in text
+    # deploy/base/trainer.yaml is installed here, and the operator may check that it is.
+    assert "cotrain_trainer_policy_installed 1.0" in text
+    assert "trainer admission policy" not in operator.logs()
+    assert "deploy/base/trainer.yaml" not in operator.logs()
     # deploy/'s ClusterRole was enough for everything the operator did in this session. (An
     # Event posted into a namespace the previous test is deleting is refused with a 403 by the
     # NamespaceLifecycle admission, not by RBAC: Events are best effort and not counted here.)

@@ -130,6 +130,11 @@ def can_i(plane: ControlPlane, *args: str) -> bool:
         ("create", "services", "-n", "team-a"),
         ("create", "rolebindings.rbac.authorization.k8s.io", "-n", "team-a"),
         ("create", "events", "-n", "team-a"),
+        (
+            "get",
+            "validatingadmissionpolicies.admissionregistration.k8s.io/"
+            "cotrain-trainer-reports-own-job",
+        ),
     ],
     ids=" ".join,
 )
@@ -157,6 +162,8 @@ def test_the_operator_may_do_what_it_does(
         ("impersonate", "serviceaccounts", "-n", "team-a"),
         ("create", "pods", "--subresource=exec", "-n", "team-a"),
         ("update", "customresourcedefinitions.apiextensions.k8s.io"),
+        ("list", "validatingadmissionpolicies.admissionregistration.k8s.io"),
+        ("get", "validatingadmissionpolicies.admissionregistration.k8s.io/other"),
     ],
     ids=" ".join,
 )
