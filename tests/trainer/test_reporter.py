@@ -175,7 +175,10 @@ class FakeApiServer:
                     }
                 )
                 status = server.statuses.pop(0) if server.statuses else 200
-                payload = json.dumps({"kind": "CoTrainJob"} if status == 200 else {}).encode()
+                answer = {"kind": "CoTrainJob"}
+                if status != 200:
+                    answer = {"kind": "Status", "status": "Failure", "message": f"no ({status})"}
+                payload = json.dumps(answer).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
@@ -246,7 +249,7 @@ def test_kubernetes_sink_retries_transient_errors_with_the_newest_report(
 
 
 def test_kubernetes_sink_does_not_retry_what_cannot_succeed(
-    api_server: FakeApiServer, tmp_path: Path
+    api_server: FakeApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     api_server.statuses = [403]
     environ = api_server.serviceaccount(tmp_path / "sa")
@@ -255,6 +258,10 @@ def test_kubernetes_sink_does_not_retry_what_cannot_succeed(
     sink.close(timeout=30)
     assert len(api_server.requests) == 1
     assert sink.patches_failed == 1
+    # The API server's reason (e.g. the admission policy's message) reaches the pod's log.
+    assert "cannot report status of ns/job (members tf): HTTP 403 Forbidden: no (403)" in (
+        caplog.text
+    )
 
 
 def test_an_unreachable_api_server_never_raises(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ The only module of the trainer that imports the Kubernetes client. Clocks are in
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -288,11 +289,18 @@ class KubernetesSink:
 
 
 def _describe(error: BaseException) -> str:
+    """HTTP status and reason, and the API server's own message (e.g. which admission policy
+    refused the report, and why) when the answer carries one."""
     status = getattr(error, "status", None)
     reason = getattr(error, "reason", None)
-    if status is not None:
-        return f"HTTP {status} {reason or ''}".strip()
-    return f"{type(error).__name__}: {error}"
+    if status is None:
+        return f"{type(error).__name__}: {error}"
+    described = f"HTTP {status} {reason or ''}".strip()
+    try:
+        message = json.loads(getattr(error, "body", None) or "{}").get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return f"{described}: {message}" if isinstance(message, str) and message else described
 
 
 # --------------------------------------------------------------------------------------------
