@@ -46,6 +46,8 @@ class Controller:
         self.workers = workers
         self.jobs: dict[Key, dict[str, Any]] = {}
         self.pods: dict[Key, dict[str, dict[str, Any]]] = defaultdict(dict)
+        # namespace -> pod name -> job name, for the pods above: pod names are per namespace.
+        self._pod_jobs: dict[str, dict[str, str]] = defaultdict(dict)
         self.nodes: dict[str, GpuNode] = {}
         self._queue: asyncio.Queue[Key] = asyncio.Queue()
         self._queued: set[Key] = set()
@@ -86,14 +88,19 @@ class Controller:
         if not job_name:
             return
         key = (str(metadata.get("namespace")), str(job_name))
+        name = str(metadata.get("name"))
         if event_type == "DELETED":
             pods = self.pods.get(key)
             if pods is not None:
-                pods.pop(str(metadata.get("name")), None)
+                pods.pop(name, None)
                 if not pods and key not in self.jobs:
                     del self.pods[key]
+            names = self._pod_jobs.get(key[0])
+            if names is not None and names.pop(name, None) is not None and not names:
+                del self._pod_jobs[key[0]]
         else:
-            self.pods[key][str(metadata.get("name"))] = _cached(body)
+            self.pods[key][name] = _cached(body)
+            self._pod_jobs[key[0]][name] = key[1]
         if key in self.jobs:
             self.enqueue(key)
 
@@ -214,7 +221,13 @@ class Controller:
         if body is None:
             return None
         pods = list(self.pods.get(key, {}).values())
-        decision = decide(body, pods, list(self.nodes.values()), datetime.now(UTC))
+        decision = decide(
+            body,
+            pods,
+            list(self.nodes.values()),
+            datetime.now(UTC),
+            self._pod_jobs.get(key[0]),
+        )
         namespace, name = key
         if decision.create:
             log.info(
@@ -231,8 +244,14 @@ class Controller:
                 await _all(self.api.create(c) for c in decision.create),
                 strict=True,
             ):
-                if created is not None and child["kind"] == "Pod":
+                if child["kind"] != "Pod":
+                    continue
+                if created is not None:
                     self.pods[key][child["metadata"]["name"]] = _cached(created)
+                else:
+                    # It exists: ours (the watch is behind) or another job's, whose pod event
+                    # may not have come yet. A look again shortly tells which.
+                    decision.requeue(1.0)
         except ApiException:
             # E.g. someone deleted the trainer ServiceAccount: the retry makes it again.
             self._identities.pop(namespace, None)

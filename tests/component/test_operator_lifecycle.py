@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -302,3 +303,30 @@ def test_replicated_member_gets_peer_pods_and_a_headless_service(
     plan = json.loads(env["COTRAIN_POD_PLAN"])
     assert plan["topology"]["torch"]["masterAddr"] == f"torch-0.dp-torch.{namespace}.svc"
     assert plan["topology"]["torch"]["replicaIndices"] == [1]
+
+
+def test_a_job_whose_pod_name_another_job_has_waits_and_says_why(
+    kube: Kube, namespace: str, make_node: Callable[..., str], job: Callable[[str], JobBuilder]
+) -> None:
+    make_node(count=4)
+    split = {"strategy": "PodPerMember"}
+    # Job "a" with member "b-c" and job "a-b" with member "c" both name a pod a-b-c-0.
+    kube.create_job(
+        namespace,
+        job("a").sharing(mode="Exclusive").placement(**split).member(0, name="b-c").build(),
+    )
+    wait_for("a's pods", lambda: len(kube.pod_names(namespace, "a")) == 2)
+    kube.create_job(
+        namespace,
+        job("a-b").sharing(mode="Exclusive").placement(**split).member(0, name="c").build(),
+    )
+
+    def taken() -> dict[str, Any] | None:
+        condition = kube.condition(namespace, "a-b", "Schedulable")
+        return condition if condition and condition["reason"] == "PodNameTaken" else None
+
+    condition = wait_for("a-b says why it waits", taken)
+    assert condition["message"].startswith("pod a-b-c-0 is a pod of CoTrainJob a: ")
+    assert kube.job_status(namespace, "a-b")["phase"] == "Pending"
+    assert kube.pod_names(namespace, "a-b") == []
+    assert sorted(kube.pod_names(namespace, "a")) == ["a-b-c-0", "a-tf-0"]

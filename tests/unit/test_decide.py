@@ -277,3 +277,24 @@ def test_start_time_is_recovered_when_the_status_write_was_lost() -> None:
     cluster.pods["demo-gpu-0"]["metadata"]["creationTimestamp"] = "2026-11-22T11:59:00Z"
     cluster.settle()
     assert cluster.status["startTime"] == "2026-11-22T11:59:00Z"
+
+
+def test_a_pod_name_another_jobs_pod_has_waits_and_says_why() -> None:
+    # Job "a-b" with member "c" and job "a" with member "b-c" both name a pod a-b-c-0.
+    cluster = state(a_job("a-b").placement(strategy="PodPerMember").member(0, name="c"))
+    cluster.pod_jobs = {"a-b-c-0": "a", "a-b-tf-0": "a-b"}  # its own name does not count
+    decision = cluster.reconcile()
+    assert decision.create == []
+    assert cluster.status["phase"] == "Pending"
+    assert "startTime" not in cluster.status
+    taken = cluster.condition("Schedulable")
+    assert (taken["status"], taken["reason"]) == ("False", "PodNameTaken")
+    assert taken["message"].startswith("pod a-b-c-0 is a pod of CoTrainJob a: ")
+    assert [e.reason for e in decision.events] == ["PodNameTaken"]
+    assert decision.requeue_after == 30
+    assert cluster.reconcile().events == []  # said once
+
+    cluster.pod_jobs = {}  # the other job's pod is gone
+    cluster.settle()
+    assert sorted(cluster.pods) == ["a-b-c-0", "a-b-tf-0"]
+    assert cluster.condition("Schedulable")["status"] == "True"

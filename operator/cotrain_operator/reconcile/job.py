@@ -179,13 +179,21 @@ def _failed(
     return decision
 
 
+REASON_POD_NAME_TAKEN = "PodNameTaken"
+POD_NAME_RETRY_SECONDS = 30.0
+
+
 def decide(
     body: Mapping[str, Any],
     pods: Sequence[Mapping[str, Any]],
     nodes: Sequence[GpuNode],
     now: datetime,
+    pod_jobs: Mapping[str, str] | None = None,
 ) -> Decision:
-    """Everything the operator should do for one job given what it observes now."""
+    """Everything the operator should do for one job given what it observes now.
+
+    `pod_jobs`: the job of each trainer pod the operator sees in the job's namespace, by pod
+    name, so that a pod name another job's pod already has is not asked for again."""
     metadata = body.get("metadata") or {}
     generation = metadata.get("generation")
     status = dict(body.get("status") or {})
@@ -256,6 +264,17 @@ def decide(
             conditions, "Schedulable", True, "Fits", _fit_message(placement), generation, now
         )
         _create_missing(body, job, placement, groups, decision)
+
+    taken = _name_taken(body, decision, pod_jobs or {})
+    if taken is not None:
+        # No child of this job until the name is free: it stays Pending and says why.
+        decision.create.clear()
+        conditions = set_condition(
+            conditions, "Schedulable", False, REASON_POD_NAME_TAKEN, taken, generation, now
+        )
+        if not condition_is(status, "Schedulable", False, taken):
+            decision.events.append(Event("Warning", REASON_POD_NAME_TAKEN, taken))
+        decision.requeue(POD_NAME_RETRY_SECONDS)
 
     member_status = _member_status(job, groups, reports)
     job_phase, reason, message = _job_phase(job, groups, member_status, placement)
@@ -454,6 +473,23 @@ def _observe(
     else:
         state.outcome, state.reason = "Crashed", reason or REASON_ERROR
     return state
+
+
+def _name_taken(
+    body: Mapping[str, Any], decision: Decision, pod_jobs: Mapping[str, str]
+) -> str | None:
+    """Why a pod to create cannot be: its name is another job's pod's, or None."""
+    job_name = body["metadata"]["name"]
+    for child in decision.create:
+        name = child["metadata"]["name"]
+        owner = pod_jobs.get(name)
+        if child["kind"] == "Pod" and owner is not None and owner != job_name:
+            return (
+                f"pod {name} is a pod of CoTrainJob {owner}: pods are named "
+                "<job>-<member>-<attempt> (<job>-gpu-<attempt> with SameGPU), and the names of "
+                "the two jobs and their members run together; rename this job or its member"
+            )
+    return None
 
 
 def _create_missing(
