@@ -67,7 +67,14 @@ from tests.controlplane.cluster import (  # noqa: E402
 )
 from tests.fixtures.faultproxy import FaultProxy, Request, write_proxy_kubeconfig  # noqa: E402
 from tests.fixtures.jobs import a_job  # noqa: E402
-from tests.fixtures.kube import GROUP, PLURAL, VERSION, Kube, wait_for  # noqa: E402
+from tests.fixtures.kube import (  # noqa: E402
+    GROUP,
+    PLURAL,
+    VERSION,
+    Kube,
+    install_cotrain,
+    wait_for,
+)
 from tests.fixtures.nodes import gpu_node  # noqa: E402
 from tests.fixtures.operator_process import OperatorProcess  # noqa: E402
 
@@ -903,31 +910,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(
     cp: ControlPlane, work: Path, sizes: list[int], args: argparse.Namespace, started: float
 ) -> int:
-    cp.kubectl("apply", "--server-side", "-k", str(ROOT / "crds"))
-    wait_for(  # kubectl wait fails outright while the CRD has no conditions yet
-        "the CRD established",
-        lambda: (
-            cp.kubectl(
-                "wait",
-                "--for=condition=Established",
-                "--timeout=5s",
-                "crd/cotrainjobs.cotrain.dev",
-                check=False,
-            ).returncode
-            == 0
-        ),
-        timeout=60,
-    )
-    cp.kubectl(
-        "apply",
-        "--server-side",
-        "-f",
-        str(ROOT / "deploy" / "base" / "namespace.yaml"),
-        "-f",
-        str(ROOT / "deploy" / "base" / "rbac.yaml"),
-        "-f",
-        str(ROOT / "deploy" / "base" / "trainer.yaml"),
-    )
+    install_cotrain(cp)
     configuration = cp.api_client_configuration()
     configuration.connection_pool_maxsize = max(16, 2 * args.concurrency)
     api = client.ApiClient(configuration)
