@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from cotrain_operator.api import KIND, CoTrainJob, InvalidJobError, parse_job
 from cotrain_operator.api.contract import ENV_POD_PLAN, ENV_REPORT_MODE, PodPlan
 from cotrain_operator.api.crd import object_schema, render_crd_yaml
+from cotrain_operator.api.manifest import ManifestError, load_all
 from cotrain_operator.api.models import (
     CoTrainJobSpec,
     CoTrainJobStatus,
@@ -36,6 +37,7 @@ from cotrain_operator.api.models import (
     MemberStatus,
     SharingStatus,
 )
+from cotrain_operator.api.validation import applied_size_violation
 from cotrain_trainer.reporter import rfc3339
 
 
@@ -45,9 +47,8 @@ def load_documents(path: str) -> Iterator[tuple[str, Any]]:
         text, source = sys.stdin.read(), "<stdin>"
     else:
         text, source = Path(path).read_text(encoding="utf-8"), path
-    for index, document in enumerate(yaml.safe_load_all(text)):
-        if document is not None:
-            yield f"{source}#{index + 1}" if index else source, document
+    for index, document in enumerate(load_all(text)):
+        yield f"{source}#{index + 1}" if index else source, document
 
 
 def load_job(path: str) -> CoTrainJob:
@@ -61,12 +62,13 @@ def load_job(path: str) -> CoTrainJob:
 
 
 def validate_files(paths: Sequence[str], out: TextIO) -> int:
-    """Print a verdict per CoTrainJob; return the number of invalid documents."""
+    """Print a verdict per CoTrainJob, judged as `kubectl apply` would judge it; return the
+    number of invalid documents."""
     invalid = 0
     for path in paths:
         try:
             documents = list(load_documents(path))
-        except (OSError, yaml.YAMLError) as error:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, ManifestError) as error:
             out.write(f"{path}: cannot read: {error}\n")
             invalid += 1
             continue
@@ -79,13 +81,21 @@ def validate_files(paths: Sequence[str], out: TextIO) -> int:
             if document.get("kind") != KIND:
                 continue  # other manifests in the same file are not ours to judge
             jobs += 1
-            name = (document.get("metadata") or {}).get("name", "<unnamed>")
+            metadata = document.get("metadata")
+            name = metadata.get("name") if isinstance(metadata, dict) else None
+            name = name if isinstance(name, str) and name else "<unnamed>"
+            violations = []
             try:
                 parse_job(document)
             except InvalidJobError as error:
+                violations.extend(error.violations)
+            too_large = applied_size_violation(document)
+            if too_large is not None:
+                violations.append(too_large)
+            if violations:
                 invalid += 1
                 out.write(f"{label}: {KIND} {name} is invalid:\n")
-                for violation in error.violations:
+                for violation in violations:
                     out.write(f"  {violation}\n")
             else:
                 out.write(f"{label}: {KIND} {name} is valid\n")

@@ -31,7 +31,17 @@ MAX_DEVICES_PER_REPLICA = 8
 # name stays a valid 63-character DNS label.
 MAX_JOB_NAME = 40
 MAX_MEMBER_NAME = 15
+# The characters the API server appends to a generateName.
+GENERATED_SUFFIX = 5
+# A member's command, args and env travel in its pod's plan: bounded so that the largest job and
+# its pods stay far below etcd's 1.5 MiB per object.
+MAX_MEMBER_TEXT = 32 * 1024
+# Job and member names: DNS-1035 labels, since the job's Services and pod hostnames carry them.
 DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+# Durations in seconds, as int32 like a batch/v1 Job's (68 years).
+MAX_SECONDS = 2**31 - 1
+# An image reference: printable ASCII, no spaces (a pod refuses surrounding whitespace).
+IMAGE_PATTERN = r"^[!-~]+$"
 ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 MIG_PROFILE = r"^[1-7]g\.[0-9]+gb(\+me)?$"
 
@@ -198,6 +208,7 @@ class Member(_Model):
         default=None,
         min_length=1,
         max_length=512,
+        pattern=IMAGE_PATTERN,
         description="Container image. Defaults to the CoTrain trainer image, which holds both "
         "frameworks.",
     )
@@ -321,12 +332,14 @@ class RunPolicy(_Model):
     active_deadline_seconds: int | None = Field(
         default=None,
         ge=1,
+        le=MAX_SECONDS,
         description="Seconds the job may run after it starts before it fails with reason "
         "DeadlineExceeded.",
     )
     ttl_seconds_after_finished: int | None = Field(
         default=None,
         ge=0,
+        le=MAX_SECONDS,
         description="Delete the job this many seconds after it succeeds or fails.",
     )
     suspend: bool = Field(

@@ -18,7 +18,10 @@ from typing import Any
 from pydantic import BaseModel
 
 from cotrain_operator.api.models import (
+    DNS_LABEL,
+    GENERATED_SUFFIX,
     MAX_JOB_NAME,
+    MAX_MEMBER_TEXT,
     CoTrainJob,
     CoTrainJobSpec,
     EnvVar,
@@ -30,11 +33,25 @@ from cotrain_operator.api.models import (
     Sharing,
     SharingMode,
 )
-from cotrain_operator.api.quantity import parse_quantity
+from cotrain_operator.api.quantity import MAX_QUANTITY, QUANTITY_PATTERN, parse_quantity
 
 RESERVED_ENV_PREFIXES = ("COTRAIN_", "CUDA_MPS_")
 RESERVED_ENV_NAMES = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES")
-GPU_RESOURCE_PREFIX = "nvidia.com/"
+# What a member's container may ask for; its GPU share comes from spec.sharing. Extended
+# resources (nvidia.com/*, in any case) would be refused or double-counted in the pod.
+MEMBER_RESOURCES = ("cpu", "memory", "ephemeral-storage")
+
+
+def cel_quantity(value: str, check: str) -> str:
+    """CEL applying `check` (a CEL expression over `{q}`, the parsed quantity) to the quantity
+    `value` only when the schema's pattern admits it. The API server evaluates CEL even on values
+    that failed their pattern, and parsing an unbounded exponent would pin it; the ternary never
+    evaluates the parse for such a value (the pattern's own error reports it)."""
+    parsed = f"quantity(string({value}))"
+    return f"(string({value}).matches(r'{QUANTITY_PATTERN}') ? {check.format(q=parsed)} : true)"
+
+
+_CEL_MAX = "{q}.compareTo(quantity('" + str(MAX_QUANTITY) + "')) <= 0"
 
 
 # CEL rules also run against the schema's own defaults (e.g. `placement: {}`) when the CRD is
@@ -76,9 +93,22 @@ def _unique(names: list[str]) -> bool:
     return len(names) == len(set(names))
 
 
-def _no_gpu_keys(resources: ResourceRequirements) -> bool:
-    keys = [*resources.requests, *resources.limits]
-    return not any(k.startswith(GPU_RESOURCE_PREFIX) for k in keys)
+def _known_resources(resources: ResourceRequirements) -> bool:
+    return all(k in MEMBER_RESOURCES for k in [*resources.requests, *resources.limits])
+
+
+def _within_max(resources: ResourceRequirements) -> bool:
+    values = [*resources.requests.values(), *resources.limits.values()]
+    return all(parse_quantity(v) <= MAX_QUANTITY for v in values)
+
+
+def member_text_size(member: Member) -> int:
+    """Characters of the member's command, args and env: what its pod's plan must carry."""
+    return (
+        sum(len(c) for c in member.command or [])
+        + sum(len(a) for a in member.args or [])
+        + sum(len(e.name) + len(e.value) for e in member.env)
+    )
 
 
 def _requests_within_limits(resources: ResourceRequirements) -> bool:
@@ -233,27 +263,66 @@ RULES: tuple[Rule, ...] = (
         reason="FieldValueDuplicate",
     ),
     Rule(
+        node=Member,
+        cel="(has(self.command) ? self.command.map(c, size(c)).sum() : 0) + "
+        "(has(self.args) ? self.args.map(a, size(a)).sum() : 0) + "
+        "(has(self.env) ? self.env.map(e, size(e.name) + (has(e.value) ? size(e.value) : 0))"
+        f".sum() : 0) <= {MAX_MEMBER_TEXT}",
+        message=f"a member's command, args and env hold at most {MAX_MEMBER_TEXT} characters "
+        "together (they travel in its pod): move long scripts or data into the image or a "
+        "volume",
+        field_path="",
+        check=lambda m: member_text_size(m) <= MAX_MEMBER_TEXT,
+        reason="FieldValueInvalid",
+    ),
+    Rule(
         node=MemberGPU,
-        cel="!has(self.memory) || quantity(string(self.memory)).compareTo(quantity('1Mi')) >= 0",
+        cel="!has(self.memory) || "
+        + cel_quantity("self.memory", "{q}.compareTo(quantity('1Mi')) >= 0"),
         message="gpu.memory is in bytes and must be at least 1Mi: write it with a unit, e.g. 4Gi",
         field_path=".memory",
         check=lambda g: g.memory is None or parse_quantity(g.memory) >= 2**20,
     ),
     Rule(
+        node=MemberGPU,
+        cel="!has(self.memory) || " + cel_quantity("self.memory", _CEL_MAX),
+        message=f"gpu.memory is larger than Kubernetes can hold (at most {MAX_QUANTITY} bytes, "
+        "8Ei less one): lower it",
+        field_path=".memory",
+        check=lambda g: g.memory is None or parse_quantity(g.memory) <= MAX_QUANTITY,
+    ),
+    Rule(
         node=ResourceRequirements,
-        cel="(!has(self.requests) || self.requests.all(k, !k.startsWith('nvidia.com/'))) && "
-        "(!has(self.limits) || self.limits.all(k, !k.startsWith('nvidia.com/')))",
-        message="GPU resources come from spec.sharing, not from a member's resources: remove "
-        "nvidia.com/* from resources",
+        cel="(!has(self.requests) || self.requests.all(k, k in "
+        f"{list(MEMBER_RESOURCES)!r})) && (!has(self.limits) || self.limits.all(k, k in "
+        f"{list(MEMBER_RESOURCES)!r}))",
+        message="a member's resources name only cpu, memory and ephemeral-storage: GPU shares "
+        "come from spec.sharing, so remove nvidia.com/* (and any other resource) from resources",
         field_path="",
-        check=_no_gpu_keys,
+        check=_known_resources,
         reason="FieldValueForbidden",
     ),
     Rule(
         node=ResourceRequirements,
+        cel="(!has(self.requests) || self.requests.all(k, "
+        + cel_quantity("self.requests[k]", _CEL_MAX)
+        + ")) && (!has(self.limits) || self.limits.all(k, "
+        + cel_quantity("self.limits[k]", _CEL_MAX)
+        + "))",
+        message=f"a resource amount is larger than Kubernetes can hold (at most {MAX_QUANTITY}): "
+        "lower it",
+        field_path="",
+        check=_within_max,
+    ),
+    Rule(
+        node=ResourceRequirements,
         cel="!has(self.limits) || !has(self.requests) || self.limits.all(k, !(k in "
-        "self.requests) || quantity(string(self.requests[k])).compareTo("
-        "quantity(string(self.limits[k]))) <= 0)",
+        "self.requests) || (string(self.requests[k]).matches(r'"
+        + QUANTITY_PATTERN
+        + "') && string(self.limits[k]).matches(r'"
+        + QUANTITY_PATTERN
+        + "') ? quantity(string(self.requests[k])).compareTo("
+        "quantity(string(self.limits[k]))) <= 0 : true))",
         message="a request is larger than its limit: lower the request or raise the limit",
         field_path=".requests",
         check=_requests_within_limits,
@@ -274,9 +343,28 @@ RULES: tuple[Rule, ...] = (
         message=f"metadata.name must be at most {MAX_JOB_NAME} characters so that the names of "
         "the job's pods fit in 63: shorten it",
         field_path=".metadata.name",
-        check=lambda j: j.metadata.name is None or len(j.metadata.name) <= MAX_JOB_NAME,
+        check=lambda j: len(job_name(j)) <= MAX_JOB_NAME,
+    ),
+    Rule(
+        node=CoTrainJob,
+        cel=f"self.metadata.name.matches(r'{DNS_LABEL}')",
+        message="metadata.name must be a DNS label that starts with a letter (lowercase letters, "
+        "digits and '-'): the job's Services and pod hostnames are named after it",
+        field_path=".metadata.name",
+        check=lambda j: not job_name(j) or re.fullmatch(DNS_LABEL, job_name(j)) is not None,
     ),
 )
+
+
+def job_name(job: CoTrainJob) -> str:
+    """The name the API server gives the job: metadata.name, or generateName plus the characters
+    it appends (lowercase letters and digits); "" with neither (metadata.py reports that)."""
+    if job.metadata.name:
+        return job.metadata.name
+    if job.metadata.generate_name:
+        return job.metadata.generate_name + "x" * GENERATED_SUFFIX
+    return ""
+
 
 TRANSITION_RULES: tuple[TransitionRule, ...] = (
     TransitionRule(

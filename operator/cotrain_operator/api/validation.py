@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from cotrain_operator.api.metadata import MAX_ANNOTATIONS_BYTES, check_metadata
 from cotrain_operator.api.models import API_VERSION, KIND, CoTrainJob
 from cotrain_operator.api.rules import RULES, TRANSITION_RULES
 
@@ -22,7 +23,12 @@ from cotrain_operator.api.rules import RULES, TRANSITION_RULES
 _PATTERN_HINTS = {
     "name": "use lowercase letters, digits and '-', starting with a letter",
     "migProfile": "use a MIG profile name such as 1g.10gb, 3g.40gb or 1g.10gb+me",
+    "image": "an image reference has no spaces, e.g. registry.example.com/team/trainer:1.0",
 }
+# A float that Go's JSON encoder writes without a fraction or exponent, which the API server then
+# decodes as an integer: kubectl sends `5.0` in YAML as 5.
+_INTEGRAL_FLOAT_LIMIT = 1e21
+_INT64 = 2**63
 
 
 @dataclass(frozen=True)
@@ -117,8 +123,47 @@ def _to_json(document: Mapping[str, Any]) -> str:
     return json.dumps(document, default=str)
 
 
+def _number(value: float) -> float | int:
+    if value.is_integer() and abs(value) < _INTEGRAL_FLOAT_LIMIT and -_INT64 <= value < _INT64:
+        return int(value)
+    return value
+
+
+def _without_nulls(value: Any) -> Any:
+    """The spec as the API server stores it: null fields pruned (and then defaulted, which the
+    model does), integral floats read as integers."""
+    if isinstance(value, Mapping):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    if isinstance(value, float):
+        return _number(value)
+    return value
+
+
+def as_the_api_server_reads(
+    document: Mapping[str, Any], with_status: bool = False
+) -> dict[str, Any]:
+    """`document` as the API server would hold it: on create without its status (a subresource
+    of its own, ignored there); `with_status` for a stored object."""
+    read: dict[str, Any] = {}
+    for key, value in document.items():
+        if key == "status" and not with_status:
+            continue
+        if key == "metadata" and isinstance(value, Mapping):
+            value = {k: _without_nulls(v) for k, v in value.items() if v is not None}
+        elif key == "spec":
+            value = _without_nulls(value)
+        read[key] = value
+    return read
+
+
 def parse_job(document: Mapping[str, Any], old: Mapping[str, Any] | None = None) -> CoTrainJob:
-    """A valid CoTrainJob from `document`, or InvalidJobError with every violation found."""
+    """A valid CoTrainJob from `document`, or InvalidJobError with every violation found.
+
+    Never raises anything else, whatever `document` holds: the operator and the CLI rely on it."""
+    if not isinstance(document, Mapping):
+        raise InvalidJobError([Violation("", "a CoTrainJob is a YAML or JSON object")])
     violations: list[Violation] = []
     if document.get("apiVersion") != API_VERSION:
         violations.append(
@@ -126,18 +171,57 @@ def parse_job(document: Mapping[str, Any], old: Mapping[str, Any] | None = None)
         )
     if document.get("kind") != KIND:
         violations.append(Violation("kind", f"must be {KIND} (got {document.get('kind')!r})"))
+    read = as_the_api_server_reads(document)
+    metadata_problems = [
+        Violation(path, message) for path, message in check_metadata(read.get("metadata", {}))
+    ]
+    violations.extend(metadata_problems)
+    if metadata_problems:
+        # The model reads only the parts of metadata whose form is now known to be right.
+        read["metadata"] = {}
     try:
         # Strict JSON-mode validation has the API server's typing: "3" is no integer and "yes"
         # no boolean, while enum names and int-or-string quantities arrive as plain JSON values.
-        job = CoTrainJob.model_validate_json(_to_json(document), strict=True)
+        job = CoTrainJob.model_validate_json(_to_json(read), strict=True)
     except ValidationError as error:
         for item in error.errors():
             violations.append(Violation(format_path(tuple(item["loc"])), _describe(item)))
         raise InvalidJobError(violations) from None
     old_job = (
-        CoTrainJob.model_validate_json(_to_json(old), strict=True) if old is not None else None
+        CoTrainJob.model_validate_json(
+            _to_json(as_the_api_server_reads(old, with_status=True)), strict=True
+        )
+        if old is not None
+        else None
     )
     violations.extend(check_rules(job, old_job))
     if violations:
         raise InvalidJobError(violations)
     return job
+
+
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def applied_size_violation(document: Mapping[str, Any]) -> Violation | None:
+    """Why `kubectl apply` would refuse `document` for its size, or None: apply keeps a copy of
+    the whole object in an annotation, and all annotations together hold at most 256 KiB."""
+    metadata = document.get("metadata")
+    annotations = metadata.get("annotations") if isinstance(metadata, Mapping) else None
+    others = {
+        k: v
+        for k, v in (annotations if isinstance(annotations, Mapping) else {}).items()
+        if k != LAST_APPLIED and isinstance(v, str)
+    }
+    copy = json.dumps(document, separators=(",", ":"), ensure_ascii=False, default=str)
+    total = len(LAST_APPLIED) + len(copy.encode()) + 1
+    total += sum(len(k.encode()) + len(v.encode()) for k, v in others.items())
+    if total <= MAX_ANNOTATIONS_BYTES:
+        return None
+    return Violation(
+        "",
+        f"the job is too large for kubectl apply: it keeps a copy of the job in the annotation "
+        f"{LAST_APPLIED}, and the job's annotations would hold {total} bytes, more than "
+        f"{MAX_ANNOTATIONS_BYTES}; shorten command, args and env (move scripts into the image) "
+        "or use kubectl create",
+    )
