@@ -125,3 +125,42 @@ def test_member_resources_add_up_in_the_shared_pod() -> None:
     cluster.settle()
     resources = cluster.pods["job-gpu-0"]["spec"]["containers"][0]["resources"]
     assert resources["requests"] == {"cpu": "1.5", "memory": str(1536 * 2**20)}
+
+
+@pytest.mark.parametrize(
+    ("members", "requests", "limits"),
+    [
+        # Each member's limit-only resource requests its limit, as in a container of its own.
+        ([{"requests": {"cpu": "2"}}, {"limits": {"cpu": "1"}}], {"cpu": "3"}, {}),
+        # A limit on the sum only when every member limits the resource.
+        ([{"limits": {"cpu": "1"}}, {"limits": {"cpu": "500m"}}], {"cpu": "1.5"}, {"cpu": "1.5"}),
+        (
+            [{"requests": {"memory": "1Gi"}, "limits": {"memory": "2Gi"}}, {}],
+            {"memory": str(2**30)},
+            {},
+        ),
+        ([{}, {}], {}, {}),
+    ],
+)
+def test_a_same_gpu_pod_sums_its_members_and_never_requests_over_its_limit(
+    members: list[dict[str, Any]], requests: dict[str, str], limits: dict[str, str]
+) -> None:
+    builder = a_job("job").sharing(mode="Exclusive")
+    for index, resources in enumerate(members):
+        builder.member(index, resources=resources)
+    cluster = ClusterState(builder.build(), gpu_node("n"))
+    cluster.settle()
+    (pod,) = cluster.pods.values()
+    resources = pod["spec"]["containers"][0]["resources"]
+    assert resources["requests"] == requests
+    assert {k: v for k, v in resources["limits"].items() if k != "nvidia.com/gpu"} == limits
+
+
+def test_a_mig_profile_with_media_extensions_is_requested_as_the_device_plugin_names_it() -> None:
+    node = gpu_node("n", mig={"1g.10gb+me": (1, 9984)})
+    # GFD and the device plugin spell "+" as "." (no "+" in label keys and resource names).
+    assert "nvidia.com/mig-1g.10gb.me" in node["status"]["allocatable"]
+    assert "nvidia.com/mig-1g.10gb.me.count" in node["metadata"]["labels"]
+    cluster = children("MIG", {"migProfile": "1g.10gb+me"}, node, "SameGPU")
+    (pod,) = cluster.pods.values()
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/mig-1g.10gb.me"] == "1"

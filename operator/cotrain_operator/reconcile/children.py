@@ -91,16 +91,23 @@ def _sum_quantities(values: list[str | int]) -> str:
 
 
 def _container_resources(group: GroupPlacement) -> dict[str, dict[str, str]]:
+    """The trainer container's requests and limits: the sum over its members.
+
+    Each member counts as a container of its own would: a limit without a request requests the
+    limit. A resource gets a limit only when every member limits it, since one unlimited member
+    makes the container's use of it unlimited; so requests never exceed limits."""
+    members = group.group.members
     requests: dict[str, list[str | int]] = {}
     limits: dict[str, list[str | int]] = {}
-    for member in group.group.members:
-        for key, value in member.resources.requests.items():
+    for member in members:
+        asked = {**member.resources.limits, **member.resources.requests}
+        for key, value in asked.items():
             requests.setdefault(key, []).append(value)
         for key, value in member.resources.limits.items():
             limits.setdefault(key, []).append(value)
     resources = {
         "requests": {k: _sum_quantities(v) for k, v in requests.items()},
-        "limits": {k: _sum_quantities(v) for k, v in limits.items()},
+        "limits": {k: _sum_quantities(v) for k, v in limits.items() if len(v) == len(members)},
     }
     # Extended resources are requested by limit; Kubernetes copies it to requests.
     resources["limits"][group.share.resource] = str(group.group.devices)

@@ -22,7 +22,9 @@ LABEL_REPLICAS = "nvidia.com/gpu.replicas"
 LABEL_SHARING = "nvidia.com/gpu.sharing-strategy"  # none | time-slicing | mps
 LABEL_MIG_STRATEGY = "nvidia.com/mig.strategy"  # none | single | mixed
 LABEL_HOSTNAME = "kubernetes.io/hostname"
-_MIG_COUNT = re.compile(r"^nvidia\.com/mig-(?P<profile>[^.]+\.[^.]+(?:\+me)?)\.count$")
+# The device plugin and GFD name a profile's resource and labels with its "+" as "." (resource
+# names and label keys allow no "+"): profile 1g.10gb+me is nvidia.com/mig-1g.10gb.me.
+_MIG_COUNT = re.compile(r"^nvidia\.com/mig-(?P<name>[^.]+\.[^.]+(?:\.me)?)\.count$")
 _MIG_PROFILE_GB = re.compile(r"^\d+g\.(?P<gb>\d+)gb")
 
 
@@ -75,6 +77,11 @@ class GpuNode:
         return f"{self.name} ({', '.join(parts)})"
 
 
+def mig_name(profile: str) -> str:
+    """How the device plugin and GFD spell a MIG profile in resource names and label keys."""
+    return profile.replace("+", ".")
+
+
 def mig_profile_memory_bytes(profile: str) -> int | None:
     """Memory of a MIG profile from its name ('1g.10gb' -> 10 GiB), when no label says."""
     match = _MIG_PROFILE_GB.match(profile)
@@ -96,8 +103,9 @@ def parse_node(node: Mapping[str, Any]) -> GpuNode | None:
         match = _MIG_COUNT.match(key)
         count = _int(value)
         if match and count:
-            profile = match.group("profile")
-            memory_mib = _int(labels.get(f"nvidia.com/mig-{profile}.memory"))
+            name = match.group("name")
+            profile = name.removesuffix(".me") + ("+me" if name.endswith(".me") else "")
+            memory_mib = _int(labels.get(f"nvidia.com/mig-{name}.memory"))
             memory = memory_mib * MIB if memory_mib else mig_profile_memory_bytes(profile)
             slices.append(MigSlice(profile, count, memory or 0))
     gpu_count = _int(labels.get(LABEL_COUNT)) or 0

@@ -1,6 +1,7 @@
 """MIG: the pod gets a hardware-isolated MIG slice of `spec.sharing.migProfile`.
 
-Mixed strategy nodes expose each profile as its own resource (`nvidia.com/mig-1g.10gb`); single
+Mixed strategy nodes expose each profile as its own resource (`nvidia.com/mig-1g.10gb`, and
+`nvidia.com/mig-1g.10gb.me` for profile 1g.10gb+me); single
 strategy nodes expose identical slices as `nvidia.com/gpu` and name the profile in the product.
 """
 
@@ -12,6 +13,7 @@ from cotrain_operator.sharing.inventory import (
     GPU_RESOURCE,
     GpuNode,
     MigSlice,
+    mig_name,
     mig_profile_memory_bytes,
 )
 
@@ -19,7 +21,8 @@ SHARED_PRODUCT_SUFFIX = "-SHARED"
 
 
 def mig_resource(profile: str) -> str:
-    return f"nvidia.com/mig-{profile}"
+    """The extended resource of a profile's slices, e.g. nvidia.com/mig-1g.10gb.me."""
+    return f"nvidia.com/mig-{mig_name(profile)}"
 
 
 class MIG:
