@@ -10,21 +10,25 @@ be looked at again later (deadlines, TTLs). Called by `handlers.py`; acts throug
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from kubernetes.client.exceptions import ApiException
 
 from cotrain_operator import metrics
+from cotrain_operator.api.contract import REASON_FAILED_CREATE
 from cotrain_operator.k8s import ConflictError, KubeApi
 from cotrain_operator.reconcile.access import build_trainer_identity
 from cotrain_operator.reconcile.children import LABEL_JOB
-from cotrain_operator.reconcile.job import TERMINAL, Decision, decide
+from cotrain_operator.reconcile.create_errors import CreateOutcome, classify, refusal_message
+from cotrain_operator.reconcile.job import TERMINAL, Decision, decide, failed_create
 from cotrain_operator.sharing import GpuNode, parse_node
 
 log = logging.getLogger(__name__)
@@ -38,12 +42,17 @@ PHASES = ("Pending", "Running", "Succeeded", "Failed", "Suspended")
 # seconds from every member, do not each cost the API server a second write.
 INFORMATIONAL = frozenset({"progress", "sharing"})
 STATUS_REFRESH_SECONDS = float(os.environ.get("COTRAIN_STATUS_REFRESH_SECONDS", "10"))
+# A decision that takes longer is logged: every accepted spec decides in milliseconds.
+SLOW_DECIDE_SECONDS = 1.0
+# The longest message the operator writes into a condition.
+MAX_MESSAGE = 4096
 
 
 class Controller:
     def __init__(self, api: KubeApi, workers: int = 4) -> None:
         self.api = api
         self.workers = workers
+        self._decider = ThreadPoolExecutor(max(1, workers), thread_name_prefix="cotrain-decide")
         self.jobs: dict[Key, dict[str, Any]] = {}
         self.pods: dict[Key, dict[str, dict[str, Any]]] = defaultdict(dict)
         # namespace -> pod name -> job name, for the pods above: pod names are per namespace.
@@ -166,6 +175,7 @@ class Controller:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for timer in self._timers.values():
             timer.cancel()
+        self._decider.shutdown(wait=False, cancel_futures=True)
 
     def idle(self) -> bool:
         return not self._queued and not self._active
@@ -220,15 +230,19 @@ class Controller:
         body = self.jobs.get(key)
         if body is None:
             return None
-        pods = list(self.pods.get(key, {}).values())
-        decision = decide(
+        namespace, name = key
+        # decide() is pure CPU; in a thread of its own no job, however hostile its spec, can hold
+        # the event loop (the watches, the other jobs' API calls, the liveness probe).
+        decision = await asyncio.get_running_loop().run_in_executor(
+            self._decider,
+            _timed_decide,
+            key,
             body,
-            pods,
+            list(self.pods.get(key, {}).values()),
             list(self.nodes.values()),
             datetime.now(UTC),
-            self._pod_jobs.get(key[0]),
+            dict(self._pod_jobs.get(namespace) or {}),
         )
-        namespace, name = key
         if decision.create:
             log.info(
                 "%s/%s: creating %s",
@@ -238,24 +252,57 @@ class Controller:
             )
         if any(c["kind"] == "Pod" for c in decision.create):
             await self._ensure_trainer_identity(namespace)
-        try:
-            for child, created in zip(
-                decision.create,
-                await _all(self.api.create(c) for c in decision.create),
-                strict=True,
-            ):
-                if child["kind"] != "Pod":
-                    continue
+        results = await asyncio.gather(
+            *(self.api.create(c) for c in decision.create), return_exceptions=True
+        )
+        refused: list[tuple[dict[str, Any], ApiException]] = []
+        for child, created in zip(decision.create, results, strict=True):
+            if isinstance(created, ApiException):
+                refused.append((child, created))
+            elif isinstance(created, BaseException):
+                raise created
+            elif child["kind"] == "Pod":
                 if created is not None:
                     self.pods[key][child["metadata"]["name"]] = _cached(created)
                 else:
                     # It exists: ours (the watch is behind) or another job's, whose pod event
                     # may not have come yet. A look again shortly tells which.
                     decision.requeue(1.0)
-        except ApiException:
-            # E.g. someone deleted the trainer ServiceAccount: the retry makes it again.
-            self._identities.pop(namespace, None)
-            raise
+        if refused:
+            decision = await self._refused(key, body, refused)
+        await self._carry_out(key, body, decision)
+        return decision
+
+    async def _refused(
+        self, key: Key, body: Mapping[str, Any], refused: list[tuple[dict[str, Any], ApiException]]
+    ) -> Decision:
+        """The job's answer to children the API server refused: fail it, once, when no retry can
+        help; otherwise say so once per run of failures and raise to retry with backoff."""
+        judged = [
+            (child, error, classify(error.status, _server_message(error)))
+            for child, error in refused
+        ]
+        for child, error, outcome in judged:
+            if outcome is CreateOutcome.FAIL_JOB:
+                message = refusal_message(
+                    child["kind"], child["metadata"]["name"], error.status, _server_message(error)
+                )
+                log.warning("%s/%s: %s", *key, message)
+                pods = list(self.pods.get(key, {}).values())
+                return failed_create(body, pods, message[:MAX_MESSAGE], datetime.now(UTC))
+        if any(outcome is CreateOutcome.RECREATE_IDENTITY for _, _, outcome in judged):
+            self._identities.pop(key[0], None)  # someone deleted it: the retry makes it again
+        child, error, _ = judged[0]
+        if not self._failures.get(key):
+            message = refusal_message(
+                child["kind"], child["metadata"]["name"], error.status, _server_message(error)
+            )
+            await self.api.post_event(body, "Warning", REASON_FAILED_CREATE, message + "; retrying")
+        raise error
+
+    async def _carry_out(self, key: Key, body: Mapping[str, Any], decision: Decision) -> None:
+        """Deletions, the status patch, Events and the job's own deletion, in that order."""
+        namespace, name = key
         for pod in decision.delete_pods:
             log.info("%s/%s: deleting pod %s (job %s)", namespace, name, pod, decision.phase)
         await _all(self.api.delete_pod(namespace, pod) for pod in decision.delete_pods)
@@ -276,7 +323,6 @@ class Controller:
         )
         if decision.delete_job:
             await self.api.delete_job(namespace, name, body["metadata"]["uid"])
-        return decision
 
     async def _ensure_trainer_identity(self, namespace: str) -> None:
         """The namespace's trainer ServiceAccount and RoleBinding, before its first pod: created
@@ -320,6 +366,34 @@ class Controller:
 
     def finished(self, key: Key) -> bool:
         return (self.jobs.get(key, {}).get("status") or {}).get("phase") in TERMINAL
+
+
+def _timed_decide(
+    key: Key,
+    body: Mapping[str, Any],
+    pods: list[dict[str, Any]],
+    nodes: list[GpuNode],
+    now: datetime,
+    pod_jobs: dict[str, str],
+) -> Decision:
+    started = time.perf_counter()
+    decision = decide(body, pods, nodes, now, pod_jobs)
+    took = time.perf_counter() - started
+    metrics.DECIDE_SECONDS.observe(took)
+    if took > SLOW_DECIDE_SECONDS:
+        log.warning("%s/%s: deciding took %.1fs", *key, took)
+    return decision
+
+
+def _server_message(error: ApiException) -> str:
+    """The API server's own words in a refusal (its Status message), else the HTTP reason."""
+    try:
+        status = json.loads(error.body or "")
+    except (TypeError, ValueError):
+        status = None
+    if isinstance(status, dict) and isinstance(status.get("message"), str):
+        return str(status["message"])
+    return str(error.reason or "no answer")
 
 
 async def _all(calls: Iterable[Awaitable[T]]) -> list[T]:

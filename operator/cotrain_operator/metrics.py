@@ -1,4 +1,4 @@
-"""Prometheus metrics of the operator, served on --metrics-port (default 8080) at /metrics.
+"""Prometheus metrics of the operator, served at :$COTRAIN_METRICS_PORT/metrics (default 8080).
 
 Owns the metric objects; the controller and `k8s.py` update them.
 """
@@ -12,6 +12,11 @@ RECONCILE_SECONDS = Histogram(
     "cotrain_reconcile_duration_seconds",
     "Time to reconcile one job (decide and act)",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+DECIDE_SECONDS = Histogram(
+    "cotrain_decide_duration_seconds",
+    "Time to decide what one job needs (pure CPU, off the event loop)",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
 )
 RECONCILE_ERRORS = Counter(
     "cotrain_reconcile_errors_total", "Reconciles that failed and were requeued", ["kind"]

@@ -46,6 +46,8 @@ def test_invalid_object_fails_with_invalid_spec_and_no_hot_loop(
         kube.create_node(gpu_node("gpu-a", sharing="time-slicing", replicas=4))
         bad = a_job("bad").member(framework="Jax").sharing(migProfile="1g.10gb").build()
         kube.create_job("default", bad)
+        # What used to crash validation with decimal.Overflow, retried forever as an error.
+        kube.create_job("default", a_job("huge").gpu(memory="1e1000000").build())
         kube.create_job("default", a_job("good").build())
         operator = OperatorProcess(cluster.kubeconfig, tmp_path, namespace="default")
         operator.start()
@@ -57,11 +59,16 @@ def test_invalid_object_fails_with_invalid_spec_and_no_hot_loop(
             assert "spec.members[0].framework: must be one of" in failed["message"]
             assert status["observedGeneration"] == 1
             assert kube.pod_names("default", "bad") == []
+            kube.wait_phase("default", "huge", "Failed")
+            huge = kube.condition("default", "huge", "Failed")
+            assert huge is not None
+            assert huge["reason"] == "InvalidSpec"
+            assert "spec.members[0].gpu.memory: '1e1000000' is not a quantity" in huge["message"]
             # The valid neighbour is not held up by the bad one.
             wait_for("good's pod", lambda: kube.pod_names("default", "good"))
             # Its status follows its pod: both jobs' status writes are done (and counted).
             kube.wait_phase("default", "good", "Pending")
-            wait_for("two status writes counted", lambda: _patches(operator) >= 2)
+            wait_for("three status writes counted", lambda: _patches(operator) >= 3)
             # No hot loop: the status is written once and then left alone.
             settled = _patches(operator)
             time.sleep(3)
@@ -69,6 +76,7 @@ def test_invalid_object_fails_with_invalid_spec_and_no_hot_loop(
             assert operator.process is not None
             assert operator.process.poll() is None
             assert not re.search(r"Traceback", operator.logs())
+            assert 'kind="internal"' not in operator.metrics()
             # This cluster has the CRD alone: the operator says what keeps trainers apart.
             assert "validatingadmissionpolicies/cotrain-trainer-reports-own-job and " in (
                 operator.logs()

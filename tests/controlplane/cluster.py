@@ -48,11 +48,13 @@ KCM_USER = "system:kube-controller-manager"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 # Controllers run by kube-controller-manager: ownerReference garbage
-# collection, namespace deletion (finalizers), and the default ServiceAccount
-# per namespace (needed by the ServiceAccount admission plugin for pods).
+# collection, namespace deletion (finalizers), the default ServiceAccount
+# per namespace (needed by the ServiceAccount admission plugin for pods), and
+# ResourceQuota usage (quota admission refuses pods until a quota is counted).
 KCM_CONTROLLERS = (
     "garbage-collector-controller",
     "namespace-controller",
+    "resourcequota-controller",
     "serviceaccount-controller",
     "serviceaccount-token-controller",
 )

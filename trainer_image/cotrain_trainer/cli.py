@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import logging
 import os
 import sys
@@ -110,7 +111,7 @@ def _explain(path: str, out: TextIO) -> int:
     if parts and parts[0].lower() in (KIND.lower(), "cotrainjobs", "ctj"):
         parts = parts[1:]
     root: dict[str, Any] = {
-        "description": (CoTrainJob.__doc__ or "").strip(),
+        "description": inspect.cleandoc(CoTrainJob.__doc__ or ""),
         "type": "object",
         "properties": {
             "spec": object_schema(CoTrainJobSpec),

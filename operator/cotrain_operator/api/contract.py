@@ -39,6 +39,11 @@ EXIT_GPU_OOM = 75
 # other non-zero exit (a crash, OOMKilled, eviction) is a pod failure, retried within backoff.
 EXIT_MEMBERS_FAILED = 3
 
+# Reasons of a job's Failed condition that a change of spec can cure: the operator tries again
+# when metadata.generation moves on.
+REASON_INVALID_SPEC = "InvalidSpec"
+REASON_FAILED_CREATE = "FailedCreate"  # the API server refused a child the job needs
+
 # Member failure reasons the operator and the trainer agree on.
 REASON_COMPLETED = "Completed"
 REASON_ERROR = "Error"

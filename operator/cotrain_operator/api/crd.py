@@ -8,6 +8,7 @@ fails when `crds/cotrain.dev_cotrainjobs.yaml` differs from it.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import yaml
@@ -142,7 +143,7 @@ def render_crd() -> dict[str, Any]:
     """The CoTrainJob CRD as a Kubernetes object."""
     root: dict[str, Any] = {
         "type": "object",
-        "description": (CoTrainJob.__doc__ or "").strip(),
+        "description": inspect.cleandoc(CoTrainJob.__doc__ or ""),
         "properties": {
             "apiVersion": {"type": "string", "description": f"{API_VERSION}"},
             "kind": {"type": "string", "description": KIND},

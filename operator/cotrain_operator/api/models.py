@@ -148,13 +148,15 @@ class EnvVar(_Model):
 
 
 class ResourceRequirements(_Model):
-    """CPU and memory for the member's container (GPU shares come from spec.sharing)."""
+    """CPU, memory and ephemeral storage for the member's container; GPU shares come from
+    spec.sharing. Each amount is a quantity of at most 8Ei less one."""
 
     requests: dict[str, Quantity] = Field(
         default_factory=dict,
         max_length=8,
-        description="Minimum resources, e.g. {cpu: '1', memory: 2Gi}. Do not list nvidia.com/* "
-        "resources: the operator requests the GPU share from spec.sharing.",
+        description="Minimum resources, e.g. {cpu: '1', memory: 2Gi}: cpu, memory and "
+        "ephemeral-storage only. Do not list nvidia.com/* resources: the operator requests the "
+        "GPU share from spec.sharing.",
     )
     limits: dict[str, Quantity] = Field(
         default_factory=dict,
@@ -169,10 +171,11 @@ class MemberGPU(_Model):
 
     memory: Quantity | None = Field(
         default=None,
-        description="GPU memory cap for this member, e.g. 4Gi. The trainer enforces it in the "
-        "framework (PyTorch per-process memory fraction, TensorFlow logical device memory_limit) "
-        "and, under MPS, with CUDA_MPS_PINNED_DEVICE_MEM_LIMIT. Unset: an equal share of the "
-        "memory left after the members that set one.",
+        description="GPU memory cap for this member, e.g. 4Gi (at least 1Mi, at most 8Ei less "
+        "one). The trainer enforces it in the framework (PyTorch per-process memory fraction, "
+        "TensorFlow logical device memory_limit) and, under MPS, with "
+        "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT. Unset: an equal share of the memory left after the "
+        "members that set one.",
     )
     compute_percent: int | None = Field(
         default=None,
@@ -217,7 +220,8 @@ class Member(_Model):
         min_length=1,
         max_length=64,
         description="Program to run instead of the built-in model, e.g. [python, train.py]. It "
-        "reports progress through cotrain_trainer.report (see the README).",
+        "reports progress through cotrain_trainer.report (see the README). command, args and "
+        "env hold at most 32768 characters together.",
     )
     args: list[Annotated[str, Field(max_length=4096)]] | None = Field(
         default=None,
@@ -532,7 +536,15 @@ class ObjectMeta(BaseModel):
 
 
 class CoTrainJob(_Model):
-    """CoTrainJob runs PyTorch and TensorFlow training side by side on shared GPUs."""
+    """CoTrainJob runs PyTorch and TensorFlow training side by side on shared GPUs.
+
+    Limits: metadata.name is a DNS label (lowercase letters, digits and '-', starting with a
+    letter) of at most 40 characters; at most 8 members; a quantity is at most 32 characters
+    (at most 19 integer and 9 fraction digits, an exponent of at most two digits) and at most
+    9223372036854775807 (8Ei less one); a member's command, args and env hold at most 32768
+    characters together; kubectl apply keeps a copy of the job in an annotation, so the job
+    must stay under 256 KiB of JSON for it (kubectl create has no such limit).
+    """
 
     KIND: ClassVar[str] = KIND
 

@@ -22,7 +22,9 @@ from cotrain_operator.api.contract import (
     REASON_CO_TENANT_FAULT,
     REASON_COMPLETED,
     REASON_ERROR,
+    REASON_FAILED_CREATE,
     REASON_GPU_OOM,
+    REASON_INVALID_SPEC,
     REASON_OOM_KILLED,
 )
 from cotrain_operator.api.models import (
@@ -153,6 +155,29 @@ def _baseline(pod: Mapping[str, Any]) -> dict[str, int]:
     return {str(k): v for k, v in parsed.items() if isinstance(v, int) and v >= 0}
 
 
+def observed_status(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The job's status as far as it has the shape the operator writes: reporters write into it
+    and a lax install may not check their types, so a status, condition or member entry of the
+    wrong type counts as absent rather than failing every reconcile of the job."""
+    raw = body.get("status")
+    status = dict(raw) if isinstance(raw, Mapping) else {}
+    conditions = status.get("conditions")
+    if conditions is not None:
+        status["conditions"] = (
+            [c for c in conditions if isinstance(c, Mapping)]
+            if isinstance(conditions, list)
+            else []
+        )
+    members = status.get("members")
+    if members is not None:
+        status["members"] = (
+            {k: v for k, v in members.items() if isinstance(v, Mapping)}
+            if isinstance(members, Mapping)
+            else {}
+        )
+    return status
+
+
 def _failed(
     body: Mapping[str, Any],
     reason: str,
@@ -161,7 +186,7 @@ def _failed(
     now: datetime,
     pods: Sequence[Mapping[str, Any]],
 ) -> Decision:
-    status = dict(body.get("status") or {})
+    status = observed_status(body)
     decision = Decision(phase=JobPhase.FAILED.value)
     conditions = list(status.get("conditions") or [])
     conditions = set_condition(conditions, "Failed", True, reason, message, generation, now)
@@ -196,7 +221,7 @@ def decide(
     name, so that a pod name another job's pod already has is not asked for again."""
     metadata = body.get("metadata") or {}
     generation = metadata.get("generation")
-    status = dict(body.get("status") or {})
+    status = observed_status(body)
     phase = status.get("phase")
 
     if phase in TERMINAL and not _reopened(status, generation):
@@ -208,7 +233,7 @@ def decide(
         )
     except InvalidJobError as error:
         message = "the spec is invalid: " + "; ".join(str(v) for v in error.violations)
-        return _failed(body, "InvalidSpec", message, generation, now, pods)
+        return _failed(body, REASON_INVALID_SPEC, message, generation, now, pods)
 
     if job.spec.run_policy.suspend:
         return _suspended(body, status, pods, generation, now)
@@ -368,12 +393,23 @@ def condition_is(status: Mapping[str, Any], kind: str, value: bool, message: str
     return False
 
 
+def failed_create(
+    body: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], message: str, now: datetime
+) -> Decision:
+    """The job ends Failed/FailedCreate: the API server refused a child it needs for a reason
+    that no retry can change (`create_errors.classify`). Its pods are stopped; a new spec
+    (metadata.generation) tries again."""
+    generation = (body.get("metadata") or {}).get("generation")
+    return _failed(body, REASON_FAILED_CREATE, message, generation, now, pods)
+
+
 def _reopened(status: Mapping[str, Any], generation: int | None) -> bool:
-    """An InvalidSpec failure is retried once the spec changes; any other end is final."""
+    """A failure the spec caused (InvalidSpec, FailedCreate) is retried once the spec changes;
+    any other end is final."""
     failed = next((c for c in status.get("conditions") or [] if c.get("type") == "Failed"), None)
     return bool(
         failed
-        and failed.get("reason") == "InvalidSpec"
+        and failed.get("reason") in (REASON_INVALID_SPEC, REASON_FAILED_CREATE)
         and generation is not None
         and status.get("observedGeneration") != generation
     )
@@ -773,4 +809,4 @@ def _fit_message(placement: Placement) -> str:
     return f"{placement.mode.value}: " + "; ".join(parts)
 
 
-__all__ = ["CONDITION_TYPES", "Decision", "Event", "decide"]
+__all__ = ["CONDITION_TYPES", "Decision", "Event", "decide", "failed_create"]
