@@ -10,6 +10,7 @@ import pytest
 
 from cotrain_operator.api.models import MemberPhase
 from cotrain_trainer.report import EVENT_STEP, read_events
+from cotrain_trainer.reporter import member_report
 from cotrain_trainer.supervisor import Supervisor, SupervisorResult
 from tests.trainer.builders import PYTHON, Recorder, a_member, a_plan, supervisor_for
 
@@ -61,6 +62,19 @@ def test_each_framework_reports_the_thread_caps_in_force(
         assert caps["interOpThreads"] == 1, name
         assert caps["device"] == "cpu"
         assert caps["memoryCap"] == "none: no GPU"  # a budget, but no device to cap
+
+
+def test_each_member_reports_its_device_memory_as_its_framework_counts_it(
+    cnn_run: tuple[Supervisor, SupervisorResult],
+) -> None:
+    supervisor, result = cnn_run
+    for name, status in result.members.items():
+        steps = [e for e in read_events(supervisor.progress_path(name)) if e.event == EVENT_STEP]
+        # On the CPU the probe says 0: present, not left out (the member holds no device memory).
+        assert {(e.gpu_memory_bytes, e.gpu_memory_peak_bytes) for e in steps} == {(0, 0)}, name
+        assert (status.gpu_memory_bytes, status.gpu_memory_peak_bytes) == (0, 0), name
+        report = member_report(status, now=0.0)
+        assert (report["gpuMemoryBytes"], report["gpuMemoryPeakBytes"]) == (0, 0), name
 
 
 def test_the_listener_gets_one_final_report_per_member(

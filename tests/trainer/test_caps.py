@@ -25,7 +25,7 @@ from cotrain_trainer.caps import (
     thread_env,
 )
 from cotrain_trainer.cli import load_job
-from cotrain_trainer.gpu import CPU, Device, GpuDevice
+from cotrain_trainer.gpu import CPU, GpuDevice
 from cotrain_trainer.plan import local_plan
 from tests.trainer.builders import a_member, a_plan, a_script, supervise
 
@@ -35,29 +35,88 @@ MIB = 2**20
 
 
 @pytest.mark.parametrize(
-    ("memory", "total", "fraction"),
+    ("budget", "card", "fraction"),
     [
         (6 * GIB, 24 * GIB, 0.25),
         (8 * GIB, 80 * GIB, 0.1),
-        (100 * GIB, 80 * GIB, 1.0),  # never more than the card
+        # TimeSlicing, 4 replicas of an 80 GiB card, gpu.memory 6Gi: of the card, not of the
+        # 20 GiB share (0.3 would let the process take 24 GiB).
+        (6 * GIB, 80 * GIB, 0.075),
+        # Both in bytes: a budget in MiB (6144) or a card in MiB (81920) would be off by 2**20.
+        (6 * GIB, 81920 * MIB, 0.075),
+        (512 * MIB, 80 * GIB, 1 / 160),
+        (100 * GIB, 80 * GIB, 1.0),  # never more than the card (the runner warns)
+        (80 * GIB, 80 * GIB, 1.0),
         (None, 80 * GIB, None),  # no budget: no cap
+        (0, 80 * GIB, None),  # a zero budget: no cap either
         (6 * GIB, None, None),  # unknown card: no fraction
         (6 * GIB, 0, None),
-        (0, 80 * GIB, None),
     ],
 )
-def test_torch_memory_fraction(
-    memory: int | None, total: int | None, fraction: float | None
+def test_torch_memory_fraction_is_of_the_whole_card(
+    budget: int | None, card: int | None, fraction: float | None
 ) -> None:
-    assert memory_fraction(memory, total) == fraction
+    assert memory_fraction(budget, card) == fraction
+
+
+class FakeCuda:
+    """A CUDA device as the PyTorch runner's memory cap sees it (`CudaMemory`)."""
+
+    def __init__(self, total: int, in_use: tuple[int, int] = (0, 0)) -> None:
+        self.total = total
+        self.fractions: list[float] = []
+        self.in_use = in_use
+
+    def total_memory_bytes(self) -> int:
+        return self.total
+
+    def set_memory_fraction(self, fraction: float) -> None:
+        self.fractions.append(fraction)
+
+    def memory_in_use(self) -> tuple[int, int]:
+        return self.in_use
+
+
+@pytest.mark.parametrize(
+    ("budget", "card", "fraction", "described"),
+    [
+        # The plan's share (device_memory_bytes, 20 GiB here) plays no part: only the card.
+        (6 * GIB, 80 * GIB, 6 / 80, "fraction 0.0750 of 81920 MiB"),
+        (6 * GIB, 24 * GIB, 0.25, "fraction 0.2500 of 24576 MiB"),
+        (20 * GIB, 10 * GIB, 1.0, "fraction 1.0000 of 10240 MiB (the budget, 20480 MiB, is"),
+        (None, 80 * GIB, None, "none: no memory budget"),
+        (0, 80 * GIB, None, "none: no memory budget"),
+    ],
+)
+def test_torch_cap_passes_the_budget_over_the_whole_card_to_the_device(
+    budget: int | None,
+    card: int,
+    fraction: float | None,
+    described: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pytest.importorskip("torch")
+    from cotrain_trainer.frameworks import torch as torch_runner
+
+    cuda = FakeCuda(card)
+    plan_budget = PlannedBudget(memory_bytes=budget, cpu_threads=1)
+    assert torch_runner.apply_memory_cap(plan_budget, cuda).startswith(described)
+    assert cuda.fractions == ([] if fraction is None else [pytest.approx(fraction)])
+    if fraction is not None and budget is not None and budget <= card:
+        # What torch then allows this process: its budget, to the byte.
+        assert cuda.fractions[0] * card == pytest.approx(budget)
+    over = [r for r in caplog.records if "more than the device" in r.getMessage()]
+    assert len(over) == (1 if budget is not None and budget > card else 0)
 
 
 @pytest.mark.parametrize(
     ("memory", "mib", "pinned"),
     [
-        (6 * GIB, 6144, "0=6144M"),
+        (6 * GIB, 6144, "0=6144M"),  # MiB: TensorFlow multiplies memory_limit by 2**20
+        (6_000_000_000, 5722, "0=5722M"),  # a budget in bytes, not MB (6000) nor GiB (6)
         (1536 * MIB + 1, 1536, "0=1536M"),  # rounded down: the cap never exceeds the budget
         (MIB - 1, 1, "0=1M"),  # at least 1 MiB
+        (0, None, None),  # a zero budget: no cap
         (None, None, None),
     ],
 )
@@ -66,6 +125,47 @@ def test_tensorflow_memory_limit_and_mps_pinned_limit(
 ) -> None:
     assert memory_limit_mib(memory) == mib
     assert mps_pinned_limit(memory) == pinned
+
+
+class FakeTfGpu:
+    """A GPU as the TensorFlow runner's memory cap sees it (`TfGpu`)."""
+
+    def __init__(self) -> None:
+        self.limits: list[int] = []
+        self.growth = False
+
+    def limit_memory(self, mib: int) -> None:
+        self.limits.append(mib)
+
+    def grow_memory(self) -> None:
+        self.growth = True
+
+    def memory_in_use(self) -> tuple[int, int]:
+        return 0, 0
+
+
+@pytest.mark.parametrize(
+    ("budget", "devices", "limit", "described"),
+    [
+        (6 * GIB, 1, 6144, "memory_limit 6144 MiB"),
+        (6 * GIB, 2, 6144, "memory_limit 6144 MiB each"),  # the budget is per device
+        (1536 * MIB + 1, 1, 1536, "memory_limit 1536 MiB"),
+        (None, 1, None, "growth: no memory budget"),  # never the whole card at once
+        (0, 1, None, "growth: no memory budget"),
+    ],
+)
+def test_tensorflow_cap_passes_the_budget_in_mib_to_each_device(
+    budget: int | None, devices: int, limit: int | None, described: str
+) -> None:
+    pytest.importorskip("tensorflow")
+    from cotrain_trainer.frameworks import tensorflow as tf_runner
+
+    gpus = [FakeTfGpu() for _ in range(devices)]
+    plan_budget = PlannedBudget(memory_bytes=budget, cpu_threads=1)
+    assert tf_runner.apply_memory_cap(plan_budget, gpus) == described
+    for gpu in gpus:
+        assert gpu.limits == ([] if limit is None else [limit])
+        assert gpu.growth == (limit is None)
 
 
 def test_thread_env_caps_both_frameworks() -> None:
@@ -147,11 +247,9 @@ def test_gpu_memory_cap_is_skipped_cleanly_without_a_gpu() -> None:
     # ("Found no NVIDIA driver") on a CUDA build without a driver.
     with pytest.raises((AssertionError, RuntimeError)):
         torch.cuda.set_per_process_memory_fraction(0.25, 0)
-    assert torch_runner.detect_device(24 * GIB) == CPU
-    assert torch_runner.apply_memory_cap(budget, CPU) == "none: no GPU"
-    gpu_without_budget = Device(kind="cuda", name="test", total_memory_bytes=24 * GIB)
-    no_budget = PlannedBudget(cpu_threads=1)
-    assert torch_runner.apply_memory_cap(no_budget, gpu_without_budget) == "none: no memory budget"
+    assert torch_runner.cuda_device() is None
+    assert torch_runner.detect_device(None) == CPU
+    assert torch_runner.apply_memory_cap(budget, None) == "none: no GPU"
 
 
 def test_tensorflow_gpu_memory_cap_is_skipped_cleanly_without_a_gpu() -> None:

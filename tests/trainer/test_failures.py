@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import signal
 import threading
 import time
@@ -21,7 +22,10 @@ from cotrain_operator.api.contract import (
     REASON_STOPPED,
 )
 from cotrain_operator.api.models import MemberPhase, SuccessPolicy
+from cotrain_trainer.oom import is_gpu_oom_text
 from cotrain_trainer.supervisor import (
+    GPU_OOM_LINES,
+    OutputPump,
     classify_exit,
     last_meaningful_line,
     oom_kill_count,
@@ -50,6 +54,22 @@ from tests.trainer.builders import Recorder, a_plan, a_script, supervise, superv
         (-signal.SIGTERM, {"stopped": True}, 143, REASON_STOPPED, "SIGTERM"),
         (-signal.SIGKILL, {"stopped": True, "oom_killed": True}, 137, REASON_STOPPED, "SIGKILL"),
         (1, {"stopped": True}, 1, REASON_STOPPED, "code 1"),
+        # What it printed: a program that never entered report.session.
+        (
+            1,
+            {"gpu_oom_output": "RuntimeError: CUDA error: out of memory", "last_output": "x"},
+            1,
+            REASON_GPU_OOM,
+            "code 1: RuntimeError: CUDA error: out of memory",
+        ),
+        (
+            -signal.SIGABRT,
+            {"gpu_oom_output": "what():  CUDA out of memory. Tried to allocate 2.00 GiB"},
+            134,
+            REASON_GPU_OOM,
+            "aborted (SIGABRT): what():  CUDA out of memory",
+        ),
+        (-signal.SIGABRT, {}, 134, REASON_SIGNALED, "SIGABRT"),
     ],
 )
 def test_classify_exit(
@@ -58,6 +78,86 @@ def test_classify_exit(
     end = classify_exit(returncode, **options)  # type: ignore[arg-type]
     assert (end.exit_code, end.reason) == (exit_code, reason)
     assert words in end.message
+
+
+GPU_OOM_LINES_SEEN = [
+    # PyTorch's caching allocator (torch 2.x, and the RuntimeError of 1.x).
+    "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+    "capacity of 79.10 GiB of which 1.25 GiB is free. Including non-PyTorch memory, this process "
+    "has 6.00 GiB memory in use. Of the allocated memory 5.50 GiB is allocated by PyTorch",
+    "torch.cuda.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 4.00 GiB "
+    "total capacity; 3.10 GiB already allocated; 12.19 MiB free; 3.20 GiB reserved in total)",
+    "RuntimeError: CUDA out of memory. Tried to allocate 36.00 MiB (GPU 0; 7.93 GiB total)",
+    # cuBLAS and cuDNN workspaces, the CUDA context.
+    "RuntimeError: CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    "RuntimeError: cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+    "RuntimeError: cuDNN error: CUDNN_STATUS_NOT_ENOUGH_WORKSPACE",
+    "RuntimeError: CUDA error: out of memory",
+    "torch.AcceleratorError: CUDA error: out of memory",
+    "terminate called after throwing an instance of 'c10::OutOfMemoryError'  what():  CUDA out of "
+    "memory. Tried to allocate 512.00 MiB",
+    # TensorFlow outside Keras, and its allocator.
+    "tensorflow.python.framework.errors_impl.ResourceExhaustedError: OOM when allocating tensor "
+    "with shape[8192,8192] and type float on /job:localhost/replica:0/task:0/device:GPU:0 by "
+    "allocator GPU_0_bfc [Op:MatMul]",
+    "ResourceExhaustedError: {{function_node __wrapped__AddV2_device_/job:localhost/replica:0/"
+    "task:0/device:GPU:0}} OOM when allocating tensor with shape[4096,4096] and type float on "
+    "/job:localhost/replica:0/task:0/device:GPU:0 by allocator GPU_0_bfc",
+    "E0000 00:00:1712345678.123456  4242 cuda_driver.cc:1000] failed to allocate 6.00GiB "
+    "(6442450944 bytes) from device: CUDA_ERROR_OUT_OF_MEMORY: out of memory",
+    "W0000 00:00:1712345678.123456  4242 bfc_allocator.cc:482] Allocator (GPU_0_bfc) ran out of "
+    "memory trying to allocate 256.00MiB (rounded to 268435456)requested by op MatMul",
+    # XLA.
+    "jaxlib.xla_extension.XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to "
+    "allocate 17179869184 bytes.",
+    "2024-05-01 12:00:00.000000: W external/xla/xla/tsl/framework/bfc_allocator.cc:291] "
+    "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB",
+]
+NOT_GPU_OOM_LINES = [
+    "GPU memory in use: 1.2 GiB; reduce memory by lowering batchSize",
+    "peak memory 4.1 GiB, allocator GPU_0_bfc",
+    "MemoryError",  # the host's, not the device's
+    "numpy.core._exceptions._ArrayMemoryError: Unable to allocate 8.00 GiB for an array",
+    "RuntimeError: [enforce fail at alloc_cpu.cpp:114] data. DefaultCPUAllocator: not enough "
+    "memory: you tried to allocate 34359738368 bytes.",
+    # TensorFlow on a CPU device: host memory.
+    "ResourceExhaustedError: OOM when allocating tensor with shape[65536,65536] and type float on "
+    "/job:localhost/replica:0/task:0/device:CPU:0 by allocator cpu",
+    # TensorFlow's BFC allocator recovering from a failed allocation: not why anything ended.
+    "W0000 00:00:1712345678.1  42 bfc_allocator.cc:296] Allocator (GPU_0_bfc) ran out of memory "
+    "trying to allocate 2.13GiB with freed_by_count=0. The caller indicates that this is not a "
+    "failure, but this may mean that there could be performance gains if more memory were "
+    "available.",
+    "I0000 00:00:1712345678.1  42 gpu_device.cc:2019] Created device /job:localhost/replica:0/"
+    "task:0/device:GPU:0 with 6144 MB memory:  -> device: 0, name: NVIDIA H100",
+]
+
+
+@pytest.mark.parametrize("line", GPU_OOM_LINES_SEEN)
+def test_gpu_out_of_memory_lines_are_recognised(line: str) -> None:
+    assert is_gpu_oom_text(line)
+
+
+@pytest.mark.parametrize("line", NOT_GPU_OOM_LINES)
+def test_other_lines_are_not_a_gpu_out_of_memory(line: str) -> None:
+    assert not is_gpu_oom_text(line)
+
+
+def _pumped(lines: list[str]) -> OutputPump:
+    pipe = io.BytesIO("".join(f"{line}\n" for line in lines).encode())
+    pump = OutputPump("m", pipe, io.BytesIO(), None)
+    pump.join(timeout=10.0)
+    return pump
+
+
+def test_the_output_pump_keeps_the_last_gpu_oom_line_of_the_run_s_end() -> None:
+    oom = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    noise = "I0000 00:00:1712345678.1  42 cpu_feature_guard.cc:227] This TensorFlow binary"
+    assert _pumped(["Traceback (most recent call last):", oom, noise]).gpu_oom_line() == oom
+    assert _pumped(["step 1", "done"]).gpu_oom_line() == ""
+    # An OOM the program caught and recovered from long before it ended is not why it ended.
+    recovered = [oom, *(f"step {n}" for n in range(GPU_OOM_LINES)), "ValueError: bad shape"]
+    assert _pumped(recovered).gpu_oom_line() == ""
 
 
 def test_last_meaningful_line_skips_framework_log_noise() -> None:
@@ -110,6 +210,46 @@ def test_a_gpu_oom_ends_the_member_as_gpu_out_of_memory_without_restarts(tmp_pat
     # The user program applied its caps in-process through the same runner as built-in members.
     assert result.caps["oom"]["intraOpThreads"] == 1
     assert result.caps["oom"]["memoryCap"] == "none: no GPU"
+
+
+PRINTED_CUDA_OOM = """
+import sys
+with open(sys.argv[1], "a") as runs:
+    runs.write("run\\n")
+print("step 1 loss 2.30", flush=True)
+sys.stderr.write(
+    "Traceback (most recent call last):\\n"
+    '  File "train.py", line 41, in <module>\\n'
+    "    loss.backward()\\n"
+    "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+    "capacity of 79.10 GiB of which 1.25 GiB is free. Process 4242 has 6.00 GiB memory in use.\\n"
+)
+sys.exit(1)
+"""
+
+
+def test_a_gpu_oom_in_a_program_s_output_ends_it_as_gpu_out_of_memory_without_restarts(
+    tmp_path: Path,
+) -> None:
+    """A user's command that never enters report.session, prints a CUDA OOM traceback and exits
+    1: not a generic crash restarted up to the backoff limit."""
+    runs = tmp_path / "runs.txt"
+    plan = a_plan(a_script("oom", PRINTED_CUDA_OOM, "PyTorch", str(runs)), backoff_limit=2)
+    result = supervise(plan, tmp_path)
+    status = result.members["oom"]
+    assert runs.read_text().count("run") == 1  # never restarted: a too-small cap stays too small
+    assert (status.phase, status.reason, status.exit_code) == (
+        MemberPhase.FAILED,
+        REASON_GPU_OOM,
+        1,
+    )
+    assert status.restarts == 0
+    assert status.message is not None
+    assert (
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB" in status.message
+    )
+    assert "not restarted" in status.message
+    assert result.exit_code == EXIT_MEMBERS_FAILED
 
 
 CRASH = """

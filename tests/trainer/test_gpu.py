@@ -1,15 +1,23 @@
-"""GPU telemetry: the real no-driver path on this machine, and NVML facts through a fake."""
+"""GPU telemetry: the real no-driver path on this machine, NVML facts through a fake, and the
+framework memory probes that every member reports."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pynvml
 import pytest
 
+from cotrain_operator.api.contract import ENV_MEMBER
 from cotrain_trainer import gpu
-from cotrain_trainer.gpu import NoGpu, NvmlTelemetry, open_telemetry
+from cotrain_trainer.frameworks import imported_runner
+from cotrain_trainer.gpu import NoGpu, NvmlTelemetry, device_memory_probe, open_telemetry
+from cotrain_trainer.report import ProgressWriter, read_events
+from tests.trainer.builders import PYTHON
 
 
 def test_without_a_driver_telemetry_says_no_gpu_cleanly() -> None:
@@ -131,3 +139,72 @@ def test_open_telemetry_uses_nvml_when_it_initialises(monkeypatch: pytest.Monkey
     telemetry = open_telemetry()
     assert isinstance(telemetry, gpu.NvmlTelemetry)
     assert telemetry.available
+
+
+class FakeDeviceMemory:
+    """A framework's count of this process's device memory (`DeviceMemory`)."""
+
+    def memory_in_use(self) -> tuple[int, int]:
+        return 3 * 2**30, 5 * 2**30
+
+
+def test_the_memory_probe_reads_the_device_and_says_zero_on_the_cpu() -> None:
+    assert device_memory_probe(FakeDeviceMemory())() == (3 * 2**30, 5 * 2**30)
+    assert device_memory_probe(None)() == (0, 0)  # present and 0: no device memory held
+
+
+def test_each_framework_probe_says_zero_on_this_cpu() -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("tensorflow")
+    from cotrain_trainer.frameworks import tensorflow as tf_runner
+    from cotrain_trainer.frameworks import torch as torch_runner
+
+    if torch_runner.cuda_device() is not None:
+        pytest.skip("this machine has a CUDA device")
+    assert torch_runner.memory_probe()() == (0, 0)
+    assert tf_runner.memory_probe()() == (0, 0)
+
+
+def test_step_records_carry_the_probe_and_a_failing_probe_stops_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+
+    def broken() -> tuple[int | None, int | None]:
+        raise RuntimeError("CUDA driver gone")
+
+    with ProgressWriter(path, interval=0.0) as writer:
+        writer.memory_probe = device_memory_probe(FakeDeviceMemory())
+        writer.step(1, loss=1.0, samples=4)
+        writer.memory_probe = broken
+        writer.step(2, loss=1.0, samples=4)
+    first, second = read_events(path)
+    assert (first.gpu_memory_bytes, first.gpu_memory_peak_bytes) == (3 * 2**30, 5 * 2**30)
+    assert (second.step, second.gpu_memory_bytes, second.gpu_memory_peak_bytes) == (2, None, None)
+
+
+@pytest.mark.parametrize(
+    ("framework", "runner"), [("PyTorch", "torch"), ("TensorFlow", "tensorflow")]
+)
+def test_the_user_api_probes_the_framework_the_program_imported(
+    framework: str, runner: str
+) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("tensorflow")
+    member = json.dumps({"name": "m", "framework": framework})
+    found = imported_runner({ENV_MEMBER: member})
+    assert found is not None
+    assert found.__name__ == f"cotrain_trainer.frameworks.{runner}"  # type: ignore[attr-defined]
+
+
+def test_the_user_api_probes_nothing_when_no_framework_is_imported(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from cotrain_trainer import report\n"
+        "from cotrain_trainer.frameworks import imported_runner\n"
+        "assert imported_runner() is None\n"
+        "assert report.ImportedFrameworkMemory()() == (None, None)\n"
+        "assert 'torch' not in sys.modules and 'tensorflow' not in sys.modules\n"
+    )
+    result = subprocess.run(
+        [PYTHON, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -10,7 +10,7 @@ import pytest
 from cotrain_operator.api.contract import EXIT_GPU_OOM, REASON_GPU_OOM
 from cotrain_trainer import report
 from cotrain_trainer.report import ProgressTail, ProgressWriter, parse_event, read_events
-from tests.trainer.builders import PYTHON
+from tests.trainer.builders import PYTHON, a_plan, a_script, supervisor_for
 
 
 class FakeClock:
@@ -124,6 +124,63 @@ def test_tensorflow_resource_exhausted_on_a_gpu_is_a_gpu_oom() -> None:
         raise RuntimeError("wrapped") from on_gpu
     assert report.is_gpu_oom(wrapped.value)
     assert not report.is_gpu_oom(MemoryError())
+
+
+@pytest.mark.parametrize(
+    ("error", "gpu_oom"),
+    [
+        (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate`"), True),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_NOT_ENOUGH_WORKSPACE"), True),
+        (RuntimeError("CUDA error: out of memory"), True),  # the CUDA context could not be made
+        (RuntimeError("DefaultCPUAllocator: not enough memory"), False),
+        (MemoryError(), False),
+    ],
+)
+def test_a_gpu_oom_raised_as_a_plain_error_is_recognised_by_its_text(
+    error: BaseException, gpu_oom: bool
+) -> None:
+    assert report.is_gpu_oom(error) == gpu_oom
+
+
+def test_session_turns_a_cublas_workspace_oom_into_exit_75(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("COTRAIN_PROGRESS_FILE", str(tmp_path / "p.jsonl"))
+    monkeypatch.setattr(report, "_default", None)
+    with pytest.raises(SystemExit) as exited, report.session():
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate`")
+    assert exited.value.code == EXIT_GPU_OOM
+    assert [e.reason for e in read_events(tmp_path / "p.jsonl")] == [None, REASON_GPU_OOM]
+    assert "CUBLAS_STATUS_ALLOC_FAILED" in capsys.readouterr().err
+    report.writer().close()
+
+
+USER_LOOP = """
+import {framework}
+from cotrain_trainer import report
+
+for step in range(1, 4):
+    report.step(step=step, loss=1.0, samples=4, total_steps=3)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("framework", "module"), [("PyTorch", "torch"), ("TensorFlow", "tensorflow")]
+)
+def test_a_user_program_reporting_with_report_step_alone_reports_its_device_memory(
+    framework: str, module: str, tmp_path: Path
+) -> None:
+    plan = a_plan(a_script("user", USER_LOOP.format(framework=module), framework))
+    supervisor = supervisor_for(plan, tmp_path)
+    result = supervisor.run()
+    assert result.succeeded, result.members["user"].message
+    steps = [e for e in read_events(supervisor.progress_path("user")) if e.event == "step"]
+    assert [e.step for e in steps] == [1, 2, 3]
+    # Its framework's probe, found without the program asking: 0 on this CPU.
+    assert {(e.gpu_memory_bytes, e.gpu_memory_peak_bytes) for e in steps} == {(0, 0)}
+    status = result.members["user"]
+    assert (status.gpu_memory_bytes, status.gpu_memory_peak_bytes) == (0, 0)
 
 
 def test_tail_reads_only_whole_new_lines(tmp_path: Path) -> None:

@@ -41,18 +41,25 @@ RESERVED_PREFIXES = ("COTRAIN_", "CUDA_MPS_")
 RESERVED_NAMES = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES")
 
 
-def memory_fraction(memory_bytes: int | None, device_total_bytes: int | None) -> float | None:
-    """PyTorch's per-process memory fraction for a budget, in (0, 1]; None when not capped."""
-    if memory_bytes is None or not device_total_bytes or device_total_bytes <= 0:
+def memory_fraction(budget_bytes: int | None, card_bytes: int | None) -> float | None:
+    """PyTorch's per-process memory fraction for a budget, in (0, 1]; None when not capped (no
+    budget, a zero budget, or no device).
+
+    `torch.cuda.set_per_process_memory_fraction` multiplies the fraction by the total memory of
+    the whole device torch sees (`get_device_properties(i).total_memory`: the card, or the MIG
+    slice), so `card_bytes` must be that number, never the share the pod plan calls
+    device_memory_bytes: under TimeSlicing with 4 replicas of an 80 GiB card, 6 GiB of a
+    20 GiB share as a fraction of the share would let the process take 24 GiB. A budget above
+    the card is the whole card (1.0; the caller warns)."""
+    if budget_bytes is None or budget_bytes <= 0 or not card_bytes or card_bytes <= 0:
         return None
-    if memory_bytes <= 0:
-        return None
-    return min(1.0, memory_bytes / device_total_bytes)
+    return min(1.0, budget_bytes / card_bytes)
 
 
 def memory_limit_mib(memory_bytes: int | None) -> int | None:
-    """TensorFlow's logical-device memory_limit (MiB, rounded down so the cap never exceeds
-    the budget, at least 1); None when not capped."""
+    """TensorFlow's logical-device memory_limit (`LogicalDeviceConfiguration(memory_limit=)`,
+    which TensorFlow calls MB and multiplies by 2**20: MiB), rounded down so the cap never
+    exceeds the budget, at least 1; None when not capped. Also the MiB of the MPS pinned limit."""
     if memory_bytes is None or memory_bytes <= 0:
         return None
     return max(1, memory_bytes // MIB)

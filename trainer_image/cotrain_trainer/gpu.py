@@ -1,8 +1,10 @@
 """GPU facts and telemetry: NVML (nvidia-ml-py) when a driver is there, "no GPU" when not.
 
 Owns the small interfaces the rest of the trainer sees: `Device` (what a member trains on, the
-CPU included, so the training code is the same minus the device) and `Telemetry` (devices,
-per-process GPU memory, utilization) with two implementations, `NvmlTelemetry` and `NoGpu`.
+CPU included, so the training code is the same minus the device), `DeviceMemory` (a framework's
+count of its own process's device memory, the interface each framework's GPU device implements
+and tests fake) with `device_memory_probe`, and `Telemetry` (devices, per-process GPU memory,
+utilization) with two implementations, `NvmlTelemetry` and `NoGpu`.
 `open_telemetry()` picks one; without an NVIDIA driver `pynvml.nvmlInit()` raises an
 `NVMLError` (`NVMLError_LibraryNotFound`), which becomes a `NoGpu` that says why. Telemetry is
 used by the supervisor (per-member memory) and `cotrain run` (device facts for the local plan).
@@ -11,8 +13,11 @@ used by the supervisor (per-member memory) and `cotrain run` (device facts for t
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from cotrain_trainer.caps import MIB
 
 
 @dataclass(frozen=True)
@@ -31,10 +36,29 @@ class Device:
         if not self.is_gpu:
             return "cpu"
         total = self.total_memory_bytes
-        return f"cuda:0 ({self.name}, {total // 2**20} MiB)" if total else f"cuda:0 ({self.name})"
+        return f"cuda:0 ({self.name}, {total // MIB} MiB)" if total else f"cuda:0 ({self.name})"
 
 
 CPU = Device(kind="cpu", name="CPU")
+
+
+class DeviceMemory(Protocol):
+    """A framework's count of this process's memory on its device (PyTorch's caching allocator,
+    TensorFlow's BFC allocator): the per-member number the trainer reports, since NVML reports
+    host PIDs that a container cannot see, and counts the CUDA context besides."""
+
+    def memory_in_use(self) -> tuple[int, int]:
+        """(bytes held now, peak bytes) of this process on the device."""
+
+
+def _no_device_memory() -> tuple[int, int]:
+    return 0, 0
+
+
+def device_memory_probe(device: DeviceMemory | None) -> Callable[[], tuple[int, int]]:
+    """The probe of `device`; on the CPU (None) one that says 0 and 0: a member training on the
+    CPU holds no device memory, and says so rather than leaving the fields out."""
+    return device.memory_in_use if device is not None else _no_device_memory
 
 
 def _text(value: Any) -> str:
@@ -62,7 +86,7 @@ class GpuDevice:
     mig_devices: tuple[MigDevice, ...] = field(default=())
 
     def describe(self) -> str:
-        mib = self.total_memory_bytes // 2**20
+        mib = self.total_memory_bytes // MIB
         mig = f", MIG with {len(self.mig_devices)} instance(s)" if self.mig_enabled else ""
         return f"GPU {self.index}: {self.name}, {mib} MiB{mig}"
 

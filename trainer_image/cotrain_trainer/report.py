@@ -18,8 +18,12 @@ A user program reports like this::
 one event per 0.2 s or per 1% of `total_steps`, whichever comes first; it converts `loss` with
 float() only when it writes, so a framework tensor costs no device sync on the other steps.
 `samples` is the number of samples of this call (the batch size); samples/s is measured between
-writes, so start-up time never counts. Outside a CoTrain member ($COTRAIN_PROGRESS_FILE unset)
-every call is a silent no-op. `report.session()` also works as a decorator.
+writes, so start-up time never counts. Each step written carries the process's device memory,
+now and at its peak (`gpuMemoryBytes`, `gpuMemoryPeakBytes`), as the framework's own allocator
+counts it: NVML reports host PIDs that a container cannot see. On the CPU both are 0 (the
+member holds no device memory); they are left out only when the program imported no framework.
+Outside a CoTrain member ($COTRAIN_PROGRESS_FILE unset) every call is a silent no-op.
+`report.session()` also works as a decorator.
 `report.apply_caps()` applies the member's thread and GPU-memory caps in a user program (call it
 right after importing the framework, before building the model).
 
@@ -44,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
 from cotrain_operator.api.contract import ENV_PROGRESS_FILE, EXIT_GPU_OOM, REASON_GPU_OOM
+from cotrain_trainer.oom import is_gpu_oom_text
 
 PROGRESS_INTERVAL_SECONDS = 0.2
 # Besides every 0.2 s, a step event at least every 1/100 of the planned steps, so that a short
@@ -57,7 +62,8 @@ EVENT_COMPLETED = "completed"
 EVENT_FAILED = "failed"
 
 Loss = SupportsFloat | Callable[[], float]
-# (bytes in use now, peak bytes) of this process's GPU memory as its framework sees it.
+# (bytes in use now, peak bytes) of this process's GPU memory as its framework sees it; (0, 0)
+# on the CPU, (None, None) when there is no framework to ask.
 MemoryProbe = Callable[[], tuple[int | None, int | None]]
 
 
@@ -141,7 +147,7 @@ class ProgressWriter:
             if self._steps_written and now > self._last_write and self._samples:
                 rate = self._samples / (now - self._last_write)
             value = loss() if callable(loss) else (float(loss) if loss is not None else None)
-            used, peak = self.memory_probe() if self.memory_probe else (None, None)
+            used, peak = self._device_memory()
             self._write(
                 {
                     "event": EVENT_STEP,
@@ -158,6 +164,14 @@ class ProgressWriter:
             self._last_write = now
             self._samples = 0
             return True
+
+    def _device_memory(self) -> tuple[int | None, int | None]:
+        if self.memory_probe is None:
+            return None, None
+        try:
+            return self.memory_probe()
+        except Exception:  # a probe that fails must not stop training; the fields stay out
+            return None, None
 
     def epoch(self, epoch: int) -> None:
         """`epoch` passes over the data are complete."""
@@ -189,12 +203,35 @@ _default: ProgressWriter | None = None
 _default_lock = threading.Lock()
 
 
+class ImportedFrameworkMemory:
+    """The memory probe of a user program that reports with `report.step` alone: that of the
+    framework the program imported (its member's own first), looked up at each write until
+    there is one, since the program may import it after its first report. Imports no framework
+    of its own; (None, None) while the program has imported none."""
+
+    def __init__(self) -> None:
+        self._probe: MemoryProbe | None = None
+
+    def __call__(self) -> tuple[int | None, int | None]:
+        if self._probe is None:
+            from cotrain_trainer.frameworks import imported_runner
+
+            runner = imported_runner()
+            if runner is None:
+                return None, None
+            self._probe = runner.memory_probe()
+        return self._probe()
+
+
 def writer() -> ProgressWriter:
-    """This process's writer, to $COTRAIN_PROGRESS_FILE (a no-op writer when it is unset)."""
+    """This process's writer, to $COTRAIN_PROGRESS_FILE (a no-op writer when it is unset); it
+    reports the device memory of the framework the program imported (`ImportedFrameworkMemory`)
+    unless a framework hook sets its own probe."""
     global _default
     with _default_lock:
         if _default is None:
             _default = ProgressWriter(os.environ.get(ENV_PROGRESS_FILE) or None)
+            _default.memory_probe = ImportedFrameworkMemory()
         return _default
 
 
@@ -215,13 +252,17 @@ def epoch(n: int) -> None:
 
 
 def is_gpu_oom(error: BaseException) -> bool:
-    """Whether `error` (or what caused it) is a framework's GPU out-of-memory error."""
+    """Whether `error` (or what caused it) is a framework's GPU out-of-memory error: by its
+    class, or by its text for the ones raised as plain RuntimeErrors (cuBLAS/cuDNN workspace,
+    CUDA context; see `oom`)."""
     seen: BaseException | None = error
     for _ in range(8):  # the cause chain of a wrapped error; bounded against cycles
         if seen is None:
             return False
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(seen, torch.OutOfMemoryError):
+            return True
+        if is_gpu_oom_text(str(seen)):
             return True
         tf = sys.modules.get("tensorflow")
         if tf is not None and isinstance(seen, tf.errors.ResourceExhaustedError):

@@ -1,13 +1,15 @@
 """The supervisor: runs one pod's members side by side, each as its own OS process, to the end.
 
 Owns starting each member (the built-in runner `python -m cotrain_trainer.member`, or the member's
-own command) with its caps in its environment, tailing its progress file, sampling its GPU memory,
-restarting a failed member within the backoff limit, running a data-parallel member as a gang
-of ranks (started, stopped and restarted together; see `distributed`), classifying why each run
-ended, applying the success policy, stopping members cleanly on request (SIGTERM to the member's
-process group, then SIGKILL after a grace period), and telling listeners (the status reporter, a
-terminal view) about every change. `cotrain supervise` runs it in a pod and `cotrain run` on a
-workstation: one code path for both.
+own command) with its caps in its environment, tailing its progress file (its device memory comes
+from there, as its framework counts it; NVML's per-process count only for a member that reports
+none), restarting a failed member within the backoff limit, running a data-parallel member as a
+gang of ranks (started, stopped and restarted together; see `distributed`), classifying why each
+run ended (from its exit status, its own "failed" event, and what it printed: a GPU
+out-of-memory error is recognised in its output too, see `oom`), applying the success policy,
+stopping members cleanly on request (SIGTERM to the member's process group, then SIGKILL after a
+grace period), and telling listeners (the status reporter, a terminal view) about every change.
+`cotrain supervise` runs it in a pod and `cotrain run` on a workstation: one code path for both.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from cotrain_operator.api.models import Member, MemberPhase, MemberStatus, Succe
 from cotrain_trainer.caps import member_launch, with_python_first
 from cotrain_trainer.distributed import Rank, member_ranks, rank_env, spans_pods
 from cotrain_trainer.gpu import NoGpu, Telemetry
+from cotrain_trainer.oom import is_gpu_oom_text
 from cotrain_trainer.report import (
     EVENT_FAILED,
     EVENT_STARTED,
@@ -67,6 +70,9 @@ EXIT_POD_RETRY = 1
 CGROUP_MEMORY_EVENTS = Path("/sys/fs/cgroup/memory.events")
 # glog lines (TensorFlow, absl) that say nothing about why a program ended.
 _LOG_NOISE = re.compile(r"^([IWEF]\d{4} \d\d:\d\d:\d\d|WARNING: All log messages before absl)")
+# A GPU out-of-memory line counts for the exit only among a run's last lines of output: an OOM
+# that the program caught and recovered from long before it ended is not why it ended.
+GPU_OOM_LINES = 200
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,11 +112,15 @@ def classify_exit(
     stopped: bool = False,
     oom_killed: bool = False,
     last_output: str = "",
+    gpu_oom_output: str = "",
 ) -> RunEnd:
     """Why a member's run ended, from its exit status and what it said before ending.
 
     `failure_reason` comes from the member's own "failed" event (e.g. GPUOutOfMemory), `stopped`
-    says the supervisor asked it to stop, `oom_killed` that the kernel's OOM-kill count rose.
+    says the supervisor asked it to stop, `oom_killed` that the kernel's OOM-kill count rose,
+    `gpu_oom_output` is a line of its last output that reports a GPU out-of-memory error (a
+    program that never entered `report.session`, or an OOM raised as a plain RuntimeError): with
+    an error exit, or an abort (a C++ OOM that nothing caught), the run ended of it.
     """
     detail = f": {last_output}" if last_output else ""
     if returncode == 0:
@@ -126,9 +136,12 @@ def classify_exit(
                 REASON_OOM_KILLED,
                 "killed by the kernel's out-of-memory killer (SIGKILL): raise the memory limit",
             )
+        if signum == signal.SIGABRT and gpu_oom_output:
+            return RunEnd(128 + signum, REASON_GPU_OOM, f"aborted (SIGABRT): {gpu_oom_output}")
         return RunEnd(128 + signum, REASON_SIGNALED, f"killed by {name}{detail}")
-    if failure_reason == REASON_GPU_OOM or returncode == EXIT_GPU_OOM:
-        message = failure_message or f"exited with code {returncode}{detail}"
+    if failure_reason == REASON_GPU_OOM or returncode == EXIT_GPU_OOM or gpu_oom_output:
+        said = f": {gpu_oom_output}" if gpu_oom_output else detail
+        message = failure_message or f"exited with code {returncode}{said}"
         return RunEnd(returncode, REASON_GPU_OOM, message)
     if stopped:
         return RunEnd(returncode, REASON_STOPPED, f"stopped (exited with code {returncode})")
@@ -200,10 +213,13 @@ class Listener(Protocol):
 
 class OutputPump:
     """Copies a member's output (stdout and stderr, merged) to its log file, optionally to a
-    stream with a "[member] " prefix, and keeps the last lines for the exit message."""
+    stream with a "[member] " prefix, keeps the last lines for the exit message, and remembers
+    the last line that reports a GPU out-of-memory error."""
 
     def __init__(self, name: str, pipe: IO[bytes], log_file: IO[bytes], echo: TextIO | None):
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
+        self.lines = 0
+        self._gpu_oom: tuple[int, str] | None = None  # (line number, line)
         self._name, self._pipe, self._log, self._echo = name, pipe, log_file, echo
         self._thread = threading.Thread(target=self._run, name=f"output-{name}", daemon=True)
         self._thread.start()
@@ -215,9 +231,18 @@ class OutputPump:
                 self._log.flush()
                 line = raw.decode("utf-8", errors="replace").rstrip("\n")
                 self.tail.append(line)
+                self.lines += 1
+                if is_gpu_oom_text(line):
+                    self._gpu_oom = (self.lines, line.strip())
                 if self._echo is not None:
                     self._echo.write(f"[{self._name}] {line}\n")
                     self._echo.flush()
+
+    def gpu_oom_line(self, within: int = GPU_OOM_LINES) -> str:
+        """The last GPU out-of-memory line among the last `within` lines ("" when none)."""
+        if self._gpu_oom is None or self.lines - self._gpu_oom[0] >= within:
+            return ""
+        return self._gpu_oom[1]
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
@@ -266,7 +291,8 @@ class _MemberRun:
     gang_end: RunEnd | None = None  # the first failure of this run, which stops the others
     handed_over: bool = False  # restarts with its replicas in other pods: the operator's job
     caps: dict[str, Any] = field(default_factory=dict)
-    nvml_seen: bool = False
+    # Its framework reports its device memory (the reliable count): NVML then says nothing.
+    probe_seen: bool = False
     changed: bool = True
     final_sent: bool = False
 
@@ -389,6 +415,12 @@ class Supervisor:
     def log_path(self, name: str, rank: int = 0) -> Path:
         suffix = f".rank{rank}" if rank else ""
         return self.work_dir / "logs" / f"{name}{suffix}.log"
+
+    def member_pids(self, name: str) -> list[int]:
+        """The process ids of a member's running processes (its ranks; each leads its own
+        process group)."""
+        member = next(m for m in self.members if m.name == name)
+        return [r.process.pid for r in member.ranks if r.process is not None]
 
     def _prepare(self, member: Member) -> _MemberRun:
         spent = self.plan.restarts.get(member.name, 0)
@@ -513,11 +545,11 @@ class Supervisor:
                 if not rank.is_chief:
                     continue  # other ranks' progress only tells how they failed
                 apply_event(member.status, event)
-                if not member.nvml_seen:
-                    if event.gpu_memory_bytes is not None:
-                        member.status.gpu_memory_bytes = event.gpu_memory_bytes
-                    if event.gpu_memory_peak_bytes is not None:
-                        member.status.gpu_memory_peak_bytes = event.gpu_memory_peak_bytes
+                if event.gpu_memory_bytes is not None:
+                    member.probe_seen = True
+                    member.status.gpu_memory_bytes = event.gpu_memory_bytes
+                if event.gpu_memory_peak_bytes is not None:
+                    member.status.gpu_memory_peak_bytes = event.gpu_memory_peak_bytes
                 member.changed = True
 
     def _check_exit(self, member: _MemberRun, now: float) -> None:
@@ -544,6 +576,7 @@ class Supervisor:
                     and kills > rank.oom_kills_at_start
                 ),
                 last_output=last_meaningful_line(list(rank.output.tail) if rank.output else []),
+                gpu_oom_output=rank.output.gpu_oom_line() if rank.output else "",
             )
             self._rank_ended(member, rank, end, now)
         if member.in_run and all(rank.end is not None for rank in member.ranks):
@@ -704,10 +737,11 @@ class Supervisor:
             groups[group] = groups.get(group, 0) + used
         for member in self.members:
             pids = [r.process.pid for r in member.ranks if r.process is not None]
-            if not any(pid in groups for pid in pids):
+            # NVML only for a member whose framework says nothing (a program that never reports):
+            # in a container it lists host PIDs, which rarely match ours and may match wrongly.
+            if member.probe_seen or not any(pid in groups for pid in pids):
                 continue
             used = sum(groups.get(pid, 0) for pid in pids)  # every device of the member here
-            member.nvml_seen = True
             member.status.gpu_memory_bytes = used
             peak = member.status.gpu_memory_peak_bytes or 0
             member.status.gpu_memory_peak_bytes = max(used, peak)

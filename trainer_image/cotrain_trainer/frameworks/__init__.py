@@ -2,15 +2,19 @@
 imports only its own framework.
 
 Owns the `Runner` protocol that `torch.py` and `tensorflow.py` implement as modules
-(`apply_caps`, `train`), `AppliedCaps` (what a runner applied, as the framework reports it), and
-reading the member's context from the contract's environment variables. Importing this package
-imports no framework; `load()` imports exactly one.
+(`apply_caps`, `memory_probe`, `train`), `AppliedCaps` (what a runner applied, as the framework
+reports it), and reading the member's context from the contract's environment variables.
+Importing this package imports no framework; `load()` imports exactly one, `imported_runner()`
+only one that the program already imported.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -21,12 +25,14 @@ from cotrain_operator.api.contract import (
     PlannedBudget,
 )
 from cotrain_operator.api.models import Framework, Member
-from cotrain_trainer.report import ProgressWriter
+from cotrain_trainer.report import MemoryProbe, ProgressWriter
 
 _MODULES = {
     Framework.PYTORCH: "cotrain_trainer.frameworks.torch",
     Framework.TENSORFLOW: "cotrain_trainer.frameworks.tensorflow",
 }
+# The framework's own top-level package, as it appears in sys.modules once imported.
+_PACKAGES = {Framework.PYTORCH: "torch", Framework.TENSORFLOW: "tensorflow"}
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,10 @@ class Runner(Protocol):
         """Apply thread and GPU-memory caps (on each of the process's `devices`: a TensorFlow
         worker mirrors over them); call before the framework touches a device."""
 
+    def memory_probe(self) -> MemoryProbe:
+        """This process's device memory (now, peak) as the framework's allocator counts it;
+        (0, 0) when the process trains on the CPU."""
+
     def train(self, member: Member, progress: ProgressWriter) -> None:
         """Train the member's built-in model, reporting through `progress`."""
 
@@ -63,6 +73,23 @@ class Runner(Protocol):
 def load(framework: Framework) -> Runner:
     """Import the runner of `framework` (and with it that framework, and only that one)."""
     return cast(Runner, importlib.import_module(_MODULES[framework]))
+
+
+def imported_runner(environ: Mapping[str, str] = os.environ) -> Runner | None:
+    """The runner of a framework this program has already imported, its member's own first
+    (from $COTRAIN_MEMBER); None when it imported neither. Imports no framework."""
+    order = list(Framework)
+    try:
+        own = Framework(json.loads(environ.get(ENV_MEMBER) or "{}").get("framework"))
+    except (ValueError, AttributeError):  # no member, or a spec this process cannot read
+        pass
+    else:
+        order.remove(own)
+        order.insert(0, own)
+    for framework in order:
+        if _PACKAGES[framework] in sys.modules:
+            return load(framework)
+    return None
 
 
 @dataclass(frozen=True)

@@ -2,17 +2,20 @@
 
 Owns everything a TensorFlow member does with TensorFlow: thread caps
 (`tf.config.threading`, which must be set before the runtime starts), the GPU memory cap (a
-logical device with `memory_limit`, or memory growth without a budget: by default TensorFlow maps
-the whole card), `KerasProgress` for any `model.fit`, and the built-in training run. On a CPU
-device TensorFlow refuses GPU memory configuration (ValueError), so the cap is only applied when
-a GPU is listed. Imported only by TensorFlow member processes (and user programs that want the
-callback).
+logical device with `memory_limit` in MiB, or memory growth without a budget: by default
+TensorFlow maps the whole card), the device-memory probe (`get_memory_info`: the BFC allocator's
+current and peak bytes), `KerasProgress` for any `model.fit`, and the built-in training run. The
+GPU calls sit behind `TfGpu` (`PhysicalGpu` is TensorFlow's; tests fake it). On a CPU device
+TensorFlow refuses GPU memory configuration (ValueError), so the cap is only applied when a GPU
+is listed, and the CPU is "no device": the same code, minus the device. Imported only by
+TensorFlow member processes (and user programs that want the callback).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import keras
 import numpy as np
@@ -35,8 +38,8 @@ from cotrain_trainer.frameworks.synthetic import (
     shard,
     total_steps,
 )
-from cotrain_trainer.gpu import CPU, Device
-from cotrain_trainer.report import ProgressWriter
+from cotrain_trainer.gpu import CPU, Device, DeviceMemory, device_memory_probe
+from cotrain_trainer.report import MemoryProbe, ProgressWriter
 
 
 def detect_device(gpus: list[Any], device_memory_bytes: int | None = None) -> Device:
@@ -47,24 +50,57 @@ def detect_device(gpus: list[Any], device_memory_bytes: int | None = None) -> De
     return Device(kind="cuda", name=name, total_memory_bytes=device_memory_bytes)
 
 
-def apply_memory_cap(budget: PlannedBudget, gpus: list[Any], devices: int = 1) -> str:
-    """Cap the memory TensorFlow may take on each of the member's first `devices` GPUs (the
-    budget is per device); say what was done."""
+class TfGpu(DeviceMemory, Protocol):
+    """One GPU of this process as the memory cap uses it."""
+
+    def limit_memory(self, mib: int) -> None:
+        """Give TensorFlow one logical device of `mib` MiB on this GPU."""
+
+    def grow_memory(self) -> None:
+        """Let TensorFlow map this GPU's memory as it needs it, not all at once."""
+
+
+class PhysicalGpu:
+    """A GPU through tf.config; `logical` is its name once visible (GPU:0 for the first)."""
+
+    def __init__(self, device: Any, logical: str) -> None:
+        self.device, self.logical = device, logical
+
+    def limit_memory(self, mib: int) -> None:
+        config = tf.config.LogicalDeviceConfiguration(memory_limit=mib)
+        tf.config.set_logical_device_configuration(self.device, [config])
+
+    def grow_memory(self) -> None:
+        tf.config.experimental.set_memory_growth(self.device, True)
+
+    def memory_in_use(self) -> tuple[int, int]:
+        info = tf.config.experimental.get_memory_info(self.logical)
+        return int(info["current"]), int(info["peak"])
+
+
+def visible_gpus(gpus: Sequence[Any], devices: int = 1) -> list[PhysicalGpu]:
+    """The member's first `devices` of the physical `gpus`, made the only ones TensorFlow uses
+    (so that none of the others gets mapped whole); none on the CPU."""
+    if not gpus:
+        return []
+    mine = list(gpus[: max(1, devices)])
+    tf.config.set_visible_devices(mine, "GPU")
+    return [PhysicalGpu(gpu, f"GPU:{index}") for index, gpu in enumerate(mine)]
+
+
+def apply_memory_cap(budget: PlannedBudget, gpus: Sequence[TfGpu]) -> str:
+    """Cap the memory TensorFlow may take on each of the member's GPUs (the budget is per
+    device, `memory_limit` is in MiB: `caps.memory_limit_mib`); say what was done."""
     if not gpus:
         return "none: no GPU"
-    # The member's devices only: hide any others so that none of them gets mapped whole.
-    mine = gpus[: max(1, devices)]
-    tf.config.set_visible_devices(mine, "GPU")
     limit = memory_limit_mib(budget.memory_bytes)
     if limit is None:
-        for gpu in mine:
-            tf.config.experimental.set_memory_growth(gpu, True)
+        for gpu in gpus:
+            gpu.grow_memory()
         return "growth: no memory budget"
-    for gpu in mine:
-        tf.config.set_logical_device_configuration(
-            gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=limit)]
-        )
-    each = " each" if len(mine) > 1 else ""
+    for gpu in gpus:
+        gpu.limit_memory(limit)
+    each = " each" if len(gpus) > 1 else ""
     return f"memory_limit {limit} MiB{each}"
 
 
@@ -74,19 +110,21 @@ def apply_caps(
     """Thread and memory caps, before the TensorFlow runtime starts."""
     tf.config.threading.set_intra_op_parallelism_threads(budget.cpu_threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    gpus = tf.config.list_physical_devices("GPU")
-    memory_cap = apply_memory_cap(budget, gpus, devices)
+    physical = tf.config.list_physical_devices("GPU")
+    memory_cap = apply_memory_cap(budget, visible_gpus(physical, devices))
     return AppliedCaps(
         intra_op_threads=tf.config.threading.get_intra_op_parallelism_threads(),
         inter_op_threads=tf.config.threading.get_inter_op_parallelism_threads(),
-        device=detect_device(gpus, device_memory_bytes).describe(),
+        device=detect_device(physical, device_memory_bytes).describe(),
         memory_cap=memory_cap,
     )
 
 
-def _gpu_memory() -> tuple[int | None, int | None]:
-    info = tf.config.experimental.get_memory_info("GPU:0")
-    return int(info["current"]), int(info["peak"])
+def memory_probe() -> MemoryProbe:
+    """This process's device-memory probe: its first GPU's (where a model on one device lives),
+    or (0, 0) on the CPU. Listing physical devices starts no runtime."""
+    gpus = tf.config.list_physical_devices("GPU")
+    return device_memory_probe(PhysicalGpu(gpus[0], "GPU:0") if gpus else None)
 
 
 class KerasProgress(keras.callbacks.Callback):  # type: ignore[misc]
@@ -107,8 +145,7 @@ class KerasProgress(keras.callbacks.Callback):  # type: ignore[misc]
     ) -> None:
         super().__init__()
         self.progress = progress or report.writer()
-        if tf.config.list_physical_devices("GPU"):  # physical: listing them starts no runtime
-            self.progress.memory_probe = _gpu_memory
+        self.progress.memory_probe = memory_probe()
         self.total_steps = total_steps
         self.batch_size = batch_size
         self.samples_per_epoch = samples_per_epoch
@@ -285,8 +322,7 @@ def train_distributed(
 
     # A step is a global batch of every replica's samples (rank 0's report is the member's).
     samples = member.batch_size * replicas
-    if tf.config.list_physical_devices("GPU"):
-        progress.memory_probe = _gpu_memory
+    progress.memory_probe = memory_probe()
     seen = 0
     for step in range(1, steps + 1):
         loss = train_step(batches)

@@ -2,15 +2,20 @@
 
 Owns everything a PyTorch member does with torch: thread caps (`torch.set_num_threads`,
 `set_num_interop_threads`), the GPU memory cap (`torch.cuda.set_per_process_memory_fraction`,
-only when CUDA is really there: a CPU build raises AssertionError and a CUDA build without a
-driver raises RuntimeError), `TorchProgress` for any PyTorch loop, and the built-in training run.
-Imported only by PyTorch member processes (and user programs that want the hook).
+a fraction of the whole device torch sees, only when CUDA is really there: a CPU build raises
+AssertionError and a CUDA build without a driver raises RuntimeError), the device-memory probe
+(the caching allocator's reserved bytes), `TorchProgress` for any PyTorch loop, and the built-in
+training run. The GPU calls sit behind `CudaMemory` (`CudaDevice` is torch's; tests fake it), and
+the CPU is "no device": the same code, minus the device. Imported only by PyTorch member
+processes (and user programs that want the hook).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -20,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from cotrain_operator.api.contract import PlannedBudget
 from cotrain_operator.api.models import BuiltinModel, Framework, Member
 from cotrain_trainer import report
-from cotrain_trainer.caps import memory_fraction
+from cotrain_trainer.caps import MIB, memory_fraction
 from cotrain_trainer.distributed import World
 from cotrain_trainer.frameworks import AppliedCaps
 from cotrain_trainer.frameworks.synthetic import (
@@ -34,8 +39,10 @@ from cotrain_trainer.frameworks.synthetic import (
     shard,
     total_steps,
 )
-from cotrain_trainer.gpu import CPU, Device
-from cotrain_trainer.report import ProgressWriter
+from cotrain_trainer.gpu import CPU, Device, DeviceMemory, device_memory_probe
+from cotrain_trainer.report import MemoryProbe, ProgressWriter
+
+log = logging.getLogger(__name__)
 
 
 def world() -> World:
@@ -48,51 +55,99 @@ def device_index() -> int:
     return world().local_rank % max(1, torch.cuda.device_count())
 
 
-def detect_device(device_memory_bytes: int | None = None) -> Device:
-    """This process's CUDA device (LOCAL_RANK, 0 alone) when torch can use one, else the CPU."""
-    if not torch.cuda.is_available():
+class CudaMemory(DeviceMemory, Protocol):
+    """The CUDA device of this process as the memory cap uses it."""
+
+    def total_memory_bytes(self) -> int:
+        """The memory of the whole device torch sees (the card, or its MIG slice): the number
+        torch multiplies a per-process fraction by."""
+
+    def set_memory_fraction(self, fraction: float) -> None:
+        """Cap this process's caching allocator at `fraction` of `total_memory_bytes()`."""
+
+
+class CudaDevice:
+    """A CUDA device through torch.cuda."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def total_memory_bytes(self) -> int:
+        # What the caching allocator's setMemoryFraction multiplies by (totalGlobalMem).
+        return int(torch.cuda.get_device_properties(self.index).total_memory)
+
+    def set_memory_fraction(self, fraction: float) -> None:
+        torch.cuda.set_per_process_memory_fraction(fraction, self.index)
+
+    def memory_in_use(self) -> tuple[int, int]:
+        # Reserved, not allocated: the allocator's segments are what the fraction caps and what
+        # the device has given this process (less the CUDA context).
+        return (
+            int(torch.cuda.memory_reserved(self.index)),
+            int(torch.cuda.max_memory_reserved(self.index)),
+        )
+
+
+def cuda_device() -> CudaDevice | None:
+    """This process's CUDA device (LOCAL_RANK, 0 alone) when torch can use one, else None."""
+    return CudaDevice(device_index()) if torch.cuda.is_available() else None
+
+
+def detect_device(cuda: CudaDevice | None) -> Device:
+    """What this process trains on, for the caps it announces: its CUDA device, or the CPU."""
+    if cuda is None:
         return CPU
-    index = device_index()
-    total = device_memory_bytes or torch.cuda.get_device_properties(index).total_memory
-    return Device(kind="cuda", name=torch.cuda.get_device_name(index), total_memory_bytes=total)
+    name = torch.cuda.get_device_name(cuda.index)
+    return Device(kind="cuda", name=name, total_memory_bytes=cuda.total_memory_bytes())
 
 
-def apply_memory_cap(budget: PlannedBudget, device: Device) -> str:
-    """Cap this process's share of its device's memory; say what was done."""
-    if not device.is_gpu:
+def apply_memory_cap(budget: PlannedBudget, cuda: CudaMemory | None) -> str:
+    """Cap this process's memory on its device at its budget, as a fraction of the whole device
+    (`caps.memory_fraction`); say what was done."""
+    if cuda is None:
         return "none: no GPU"
-    fraction = memory_fraction(budget.memory_bytes, device.total_memory_bytes)
-    if fraction is None:
+    total = cuda.total_memory_bytes()
+    fraction = memory_fraction(budget.memory_bytes, total)
+    if fraction is None or budget.memory_bytes is None:
         return "none: no memory budget"
-    torch.cuda.set_per_process_memory_fraction(fraction, device_index())
-    total_mib = (device.total_memory_bytes or 0) // 2**20
-    return f"fraction {fraction:.4f} of {total_mib} MiB"
+    over = ""
+    if budget.memory_bytes > total:
+        over = f" (the budget, {budget.memory_bytes // MIB} MiB, is more than the device)"
+        log.warning(
+            "GPU memory budget of %d MiB is more than the device's %d MiB: capped at the device",
+            budget.memory_bytes // MIB,
+            total // MIB,
+        )
+    cuda.set_memory_fraction(fraction)
+    return f"fraction {fraction:.4f} of {total // MIB} MiB{over}"
 
 
 def apply_caps(
     budget: PlannedBudget, device_memory_bytes: int | None, devices: int = 1
 ) -> AppliedCaps:
     """Thread and memory caps, before any tensor is made. A PyTorch process uses one device
-    (a data-parallel member runs one process per device), so `devices` changes nothing here."""
+    (a data-parallel member runs one process per device), so `devices` changes nothing here; nor
+    does `device_memory_bytes` (the share's memory, not the base of torch's fraction)."""
     torch.set_num_threads(budget.cpu_threads)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(device_index())
+    cuda = cuda_device()
+    if cuda is not None:
+        torch.cuda.set_device(cuda.index)
     # Raises when already set or when the pool has started (a late call): what is in force is
     # reported below either way.
     with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(1)
-    device = detect_device(device_memory_bytes)
-    memory_cap = apply_memory_cap(budget, device)
+    memory_cap = apply_memory_cap(budget, cuda)
     return AppliedCaps(
         intra_op_threads=torch.get_num_threads(),
         inter_op_threads=torch.get_num_interop_threads(),
-        device=device.describe(),
+        device=detect_device(cuda).describe(),
         memory_cap=memory_cap,
     )
 
 
-def _cuda_memory() -> tuple[int | None, int | None]:
-    return torch.cuda.memory_reserved(), torch.cuda.max_memory_reserved()  # its own device
+def memory_probe() -> MemoryProbe:
+    """This process's device-memory probe: its CUDA device's, or (0, 0) on the CPU."""
+    return device_memory_probe(cuda_device())
 
 
 class TorchProgress:
@@ -110,8 +165,7 @@ class TorchProgress:
         progress: ProgressWriter | None = None,
     ) -> None:
         self.progress = progress or report.writer()
-        if torch.cuda.is_available():
-            self.progress.memory_probe = _cuda_memory
+        self.progress.memory_probe = memory_probe()
         self.total_steps = total_steps
         self.batch_size = batch_size
         self.samples_per_epoch = samples_per_epoch
