@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,30 @@ from tests.controlplane.cluster import ControlPlane
 from tests.fixtures.jobs import JobBuilder
 from tests.fixtures.kube import Kube, wait_for
 from tests.fixtures.operator_process import OperatorProcess
+
+# An operator of its own over namespaces of its own: these tests make the API server refuse the
+# operator on purpose, which the shared operator's RBAC check must not count.
+NAMESPACE_PREFIX = "h"
+
+
+@pytest.fixture
+def namespace_prefix() -> str:
+    return NAMESPACE_PREFIX
+
+
+@pytest.fixture(scope="module")
+def operator(
+    operator_kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(
+        operator_kubeconfig, tmp_path_factory.mktemp("hostile-operator"), namespace="h*"
+    )
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
 
 pytestmark = pytest.mark.usefixtures("operator")
 
