@@ -1,0 +1,695 @@
+"""A real Kubernetes node for tests, beside a ControlPlane from cluster.py.
+
+This module owns everything the node is: its PKI
+(the kubelet's serving certificate, the API server's client certificate for kubelets, client
+certificates for the kubelet and the scheduler), its network (a Linux bridge whose address is the
+node IP, a CNI bridge + host-local config, no masquerading and no route out), and its processes:
+containerd (own config, root, state and socket under the node's workdir; runc), kube-scheduler
+and the kubelet. ``Node.stop()`` takes it all down again, pods included.
+
+It needs root and Debian's containerd, runc, containernetworking-plugins and busybox-static
+(``tests/controlplane/node-setup.sh`` installs them). The control plane must be started with
+``node_control_plane_args(pki)`` (kubelet client certificate, node lifecycle controller)::
+
+    pki = NodePKI.create(workdir / "node-pki")
+    cp = start_control_plane(workdir / "cp", cp_bin, **node_control_plane_args(pki))
+    node = Node.start(cp, cp_bin, workdir / "node", pki, images=[busybox_image()])
+    try:
+        cp.kubectl("get", "nodes")
+    finally:
+        node.stop()
+        cp.stop()
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import ssl
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.controlplane.cluster import (
+    KCM_CONTROLLERS,
+    ControlPlane,
+    ControlPlaneError,
+    _Proc,
+    _spawn,
+    _tail,
+    _wait,
+    free_port,
+    write_kubeconfig,
+)
+from tests.controlplane.images import LocalImage, pause_image
+
+HERE = Path(__file__).resolve().parent
+SETUP_SCRIPT = HERE / "node-setup.sh"
+
+NODE_NAME = "cotrain-node"
+BRIDGE = "cotrain0"
+# A private /24 on the bridge: .1 is the node IP (and the pods' on-link neighbour), pods get
+# .10 and up. Nothing routes it anywhere.
+POD_SUBNET = "10.213.0.0/24"
+KUBELET_PORT = 10250
+APISERVER_KUBELET_CLIENT = "kube-apiserver-kubelet-client"
+SCHEDULER_USER = "system:kube-scheduler"
+# Beyond cluster.py's controllers: the node lifecycle controller removes the
+# node.kubernetes.io/not-ready taint that every new Node starts with (the scheduler places no
+# pod on a tainted node), and the root CA publisher creates each namespace's kube-root-ca.crt
+# ConfigMap, without which the kubelet cannot mount a pod's service-account token volume.
+NODE_KCM_CONTROLLERS = (
+    *KCM_CONTROLLERS,
+    "node-lifecycle-controller",
+    "root-ca-certificate-publisher-controller",
+)
+# Debian's package paths.
+CONTAINERD = Path("/usr/bin/containerd")
+CTR = Path("/usr/bin/ctr")
+RUNC = Path("/usr/sbin/runc")
+CNI_BIN_DIR = Path("/usr/lib/cni")
+# Unix sockets carry at most 107 bytes of path.
+_MAX_SOCKET_PATH = 100
+
+
+class NodeError(ControlPlaneError):
+    pass
+
+
+# --------------------------------------------------------------------------
+# building and prerequisites
+
+
+def missing_prerequisites() -> list[str]:
+    """What this host lacks to run a node (empty when it can)."""
+    missing = [] if os.geteuid() == 0 else ["root (bridges, mounts, cgroups)"]
+    needed = (CONTAINERD, CTR, RUNC, CNI_BIN_DIR / "bridge", CNI_BIN_DIR / "host-local")
+    missing += [str(p) for p in needed if not os.access(p, os.X_OK)]
+    if not shutil.which("ip"):
+        missing.append("ip (iproute2)")
+    if not shutil.which("openssl"):
+        missing.append("openssl")
+    return missing
+
+
+# --------------------------------------------------------------------------
+# certificates (openssl CLI, as cluster.py falls back to)
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    proc = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise NodeError(f"openssl {' '.join(args)} failed: {proc.stderr}")
+
+
+def _new_ca(d: Path, stem: str, cn: str) -> tuple[Path, Path]:
+    _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{stem}.key", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        f"{stem}.key",
+        "-sha256",
+        "-days",
+        "365",
+        "-subj",
+        f"/CN={cn}",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,digitalSignature,keyCertSign,cRLSign",
+        "-out",
+        f"{stem}.crt",
+        cwd=d,
+    )
+    (d / f"{stem}.key").chmod(0o600)
+    return d / f"{stem}.crt", d / f"{stem}.key"
+
+
+def _issue(
+    d: Path,
+    stem: str,
+    ca: tuple[Path, Path],
+    subject: str,
+    *,
+    server_sans: Sequence[str] = (),
+) -> tuple[Path, Path]:
+    """A certificate signed by ``ca``: a client one, or a server one when given SANs."""
+    _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{stem}.key", cwd=d)
+    _openssl("req", "-new", "-key", f"{stem}.key", "-subj", subject, "-out", f"{stem}.csr", cwd=d)
+    ext = ["basicConstraints=critical,CA:FALSE", "keyUsage=critical,digitalSignature"]
+    if server_sans:
+        ext += ["extendedKeyUsage=serverAuth", "subjectAltName=" + ",".join(server_sans)]
+    else:
+        ext.append("extendedKeyUsage=clientAuth")
+    (d / f"{stem}.ext").write_text("\n".join(ext) + "\n")
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{stem}.csr",
+        "-CA",
+        str(ca[0]),
+        "-CAkey",
+        str(ca[1]),
+        # An explicit serial: -CAcreateserial would write a .srl file beside the CA, which for
+        # the control plane's CA is cluster.py's directory.
+        "-set_serial",
+        str(secrets.randbits(63)),
+        "-sha256",
+        "-days",
+        "365",
+        "-extfile",
+        f"{stem}.ext",
+        "-out",
+        f"{stem}.crt",
+        cwd=d,
+    )
+    (d / f"{stem}.key").chmod(0o600)
+    return d / f"{stem}.crt", d / f"{stem}.key"
+
+
+@dataclass(frozen=True)
+class NodePKI:
+    """What must exist before the API server starts: the kubelets' CA, the kubelet's serving
+    certificate, and the client certificate the API server shows kubelets (logs, exec)."""
+
+    dir: Path
+    node_name: str
+    node_ip: str
+    ca: Path  # signs the two below; the kubelet trusts it for clients, the API server for kubelets
+    kubelet_serving: tuple[Path, Path]
+    apiserver_client: tuple[Path, Path]
+
+    @classmethod
+    def create(cls, d: Path, node_name: str = NODE_NAME, pod_subnet: str = POD_SUBNET) -> NodePKI:
+        d.mkdir(parents=True, exist_ok=True)
+        node_ip = node_ip_for(pod_subnet)
+        ca = _new_ca(d, "kubelet-ca", "cotrain-test-kubelet-ca")
+        serving = _issue(
+            d, "kubelet", ca, f"/CN={node_name}", server_sans=[f"IP:{node_ip}", f"DNS:{node_name}"]
+        )
+        client = _issue(d, "apiserver-kubelet-client", ca, f"/CN={APISERVER_KUBELET_CLIENT}")
+        return cls(d, node_name, node_ip, ca[0], serving, client)
+
+    def apiserver_args(self) -> list[str]:
+        return [
+            f"--kubelet-client-certificate={self.apiserver_client[0]}",
+            f"--kubelet-client-key={self.apiserver_client[1]}",
+            # Verify the kubelet's serving certificate (the default is not to).
+            f"--kubelet-certificate-authority={self.ca}",
+            # The Node's Hostname address (its name) resolves nowhere; reach it by its IP.
+            "--kubelet-preferred-address-types=InternalIP",
+        ]
+
+
+def node_ip_for(pod_subnet: str) -> str:
+    return str(next(ipaddress.ip_network(pod_subnet).hosts()))
+
+
+def node_control_plane_args(pki: NodePKI) -> dict[str, Any]:
+    """Keyword arguments for cluster.start_control_plane so that a Node can join it."""
+    return {"kcm_controllers": NODE_KCM_CONTROLLERS, "extra_apiserver_args": pki.apiserver_args()}
+
+
+# --------------------------------------------------------------------------
+# host state
+
+
+def _run(*argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+    if check and proc.returncode != 0:
+        raise NodeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+def _link_exists(name: str) -> bool:
+    return Path("/sys/class/net", name).exists()
+
+
+def _create_bridge(name: str, cidr: str) -> None:
+    if _link_exists(name):  # left by an aborted run: it is ours by name
+        _run("ip", "link", "del", name)
+    _run("ip", "link", "add", name, "type", "bridge")
+    _run("ip", "addr", "add", cidr, "dev", name)
+    _run("ip", "link", "set", name, "up")
+
+
+def _mounts_under(root: Path) -> list[str]:
+    prefix = str(root).rstrip("/") + "/"
+    found: list[str] = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            # Field 5 is the mount point, with spaces etc. octal-escaped.
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point.startswith(prefix):
+                found.append(point)
+    return found
+
+
+def _unmount_all(root: Path) -> list[str]:
+    left = _mounts_under(root)
+    for point in sorted(left, key=len, reverse=True):  # children first
+        _run("umount", "-l", point, check=False)
+    return left
+
+
+# --------------------------------------------------------------------------
+# the node
+
+
+_LIVE: list[Node] = []
+
+
+@atexit.register
+def _stop_all() -> None:
+    for node in list(_LIVE):
+        with contextlib.suppress(Exception):
+            node.stop()
+
+
+@dataclass
+class Node:
+    control_plane: ControlPlane
+    name: str
+    ip: str
+    bridge: str
+    workdir: Path
+    bin_dir: Path
+    containerd_socket: Path
+    startup_seconds: dict[str, float] = field(default_factory=dict)
+    _procs: list[_Proc] = field(default_factory=list, repr=False)
+    _stopped: bool = field(default=False, repr=False)
+
+    # ---- start -----------------------------------------------------------
+
+    @classmethod
+    def start(
+        cls,
+        cp: ControlPlane,
+        bin_dir: Path,
+        workdir: Path,
+        pki: NodePKI,
+        *,
+        images: Iterable[LocalImage] = (),
+        bridge: str = BRIDGE,
+        pod_subnet: str = POD_SUBNET,
+        timeout: float = 120.0,
+        verbosity: int = 2,
+    ) -> Node:
+        """Start containerd, kube-scheduler and the kubelet; return once the Node is Ready and
+        untainted. ``images`` are imported into containerd first (the pause image always is)."""
+        missing = missing_prerequisites()
+        if missing:
+            raise NodeError(f"this host cannot run a node, it lacks: {', '.join(missing)}")
+        workdir = workdir.resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+        socket = workdir / "containerd" / "containerd.sock"
+        if len(str(socket)) + len(".ttrpc") > _MAX_SOCKET_PATH:
+            raise NodeError(f"workdir {workdir} is too long for containerd's unix sockets")
+        node = cls(cp, pki.node_name, pki.node_ip, bridge, workdir, bin_dir.resolve(), socket)
+        _LIVE.append(node)
+        try:
+            node._start(pki, list(images), pod_subnet, timeout, verbosity)
+        except BaseException:
+            node.stop()
+            raise
+        return node
+
+    def _start(
+        self,
+        pki: NodePKI,
+        images: list[LocalImage],
+        pod_subnet: str,
+        timeout: float,
+        verbosity: int,
+    ) -> None:
+        t_all = time.monotonic()
+        prefix = ipaddress.ip_network(pod_subnet).prefixlen
+        _create_bridge(self.bridge, f"{self.ip}/{prefix}")
+        pause = pause_image(self.bin_dir)
+        self._start_containerd(pause, pod_subnet)
+        t0 = time.monotonic()
+        for image in [pause, *images]:
+            self.import_image(image)
+        self.startup_seconds["images"] = time.monotonic() - t0
+        kubelet_kubeconfig, scheduler_kubeconfig = self._identities()
+        self._start_scheduler(scheduler_kubeconfig, timeout)
+        self._start_kubelet(pki, kubelet_kubeconfig, timeout, verbosity)
+        self.startup_seconds["total"] = time.monotonic() - t_all
+
+    def _start_containerd(self, pause: LocalImage, pod_subnet: str) -> None:
+        d = self.workdir / "containerd"
+        net_d = self.workdir / "cni" / "net.d"
+        for sub in (d, net_d):
+            sub.mkdir(parents=True, exist_ok=True)
+        self._write_cni_config(net_d, pod_subnet)
+        cri = 'plugins."io.containerd.grpc.v1.cri"'
+        config = f"""\
+version = 2
+root = "{d / "root"}"
+state = "{d / "state"}"
+# Snapshotters this host cannot use; they only log errors at every start.
+disabled_plugins = [
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+]
+
+[grpc]
+  address = "{self.containerd_socket}"
+
+[metrics]
+  address = ""
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d / "opt"}"
+
+[{cri}]
+  sandbox_image = "{pause.ref}"
+  # Root here lacks CAP_SYS_RESOURCE: without this, runc fails every sandbox with
+  # "can't get final child's PID from pipe: EOF" (it cannot lower oom_score_adj).
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  enable_selinux = false
+
+[{cri}.containerd]
+  snapshotter = "overlayfs"
+  default_runtime_name = "runc"
+
+[{cri}.containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+
+[{cri}.containerd.runtimes.runc.options]
+  BinaryName = "{RUNC}"
+  # runc's state of this containerd's containers, apart from any other containerd's.
+  Root = "{d / "runc"}"
+  # The kubelet's cgroupDriver is cgroupfs: both must agree.
+  SystemdCgroup = false
+
+[{cri}.cni]
+  bin_dir = "{CNI_BIN_DIR}"
+  conf_dir = "{net_d}"
+  max_conf_num = 1
+"""
+        cfg = d / "config.toml"
+        cfg.write_text(config)
+        env = dict(os.environ)
+        # containerd finds containerd-shim-runc-v2 on PATH.
+        env["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        log = self.workdir / "containerd.log"
+        t0 = time.monotonic()
+        proc = _spawn("containerd", [str(CONTAINERD), f"--config={cfg}"], log, env)
+        self._procs.append(proc)
+
+        def ready() -> tuple[bool, str]:
+            if not self.containerd_socket.exists():
+                return False, "no socket yet"
+            r = self.ctr("version", check=False)
+            return r.returncode == 0, r.stderr
+
+        _wait("containerd", ready, [proc], log, 30)
+        self.startup_seconds["containerd"] = time.monotonic() - t0
+
+    def _write_cni_config(self, net_d: Path, pod_subnet: str) -> None:
+        conflist = {
+            "cniVersion": "1.0.0",
+            "name": "cotrain-pods",
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": self.bridge,
+                    # The bridge already holds the node IP (.1); isGateway would also switch on
+                    # the host's net.ipv4.ip_forward. Pods reach .1 on-link without it.
+                    "isGateway": False,
+                    "ipMasq": False,  # nothing leaves this machine
+                    "hairpinMode": True,
+                    "ipam": {
+                        "type": "host-local",
+                        # No "routes": pods get only their on-link /24, no default route.
+                        "ranges": [[{"subnet": pod_subnet, "rangeStart": _nth(pod_subnet, 10)}]],
+                        "dataDir": str(self.workdir / "cni" / "ipam"),
+                    },
+                }
+            ],
+        }
+        # containerd runs the loopback plugin itself for every sandbox (go-cni's lo network).
+        (net_d / "10-cotrain.conflist").write_text(json.dumps(conflist, indent=2) + "\n")
+
+    def _identities(self) -> tuple[Path, Path]:
+        """Client certificates from the control plane's CA, and their RBAC bindings."""
+        cp = self.control_plane
+        pki = cp.workdir / "pki"
+        ca = (pki / "ca.crt", pki / "ca.key")
+        d = self.workdir / "pki"
+        d.mkdir(parents=True, exist_ok=True)
+        kubelet = _issue(d, "kubelet-client", ca, f"/O=system:nodes/CN=system:node:{self.name}")
+        scheduler = _issue(d, "scheduler-client", ca, f"/CN={SCHEDULER_USER}")
+        # The API server authorizes with RBAC only (no Node authorizer): bind the kubelet's user
+        # to system:node, and let the API server's kubelet client use the kubelet API.
+        # system:kube-scheduler has its bootstrap bindings already.
+        bindings = [
+            ("cotrain-node-kubelet", "system:node", f"system:node:{self.name}"),
+            (
+                "cotrain-node-apiserver-kubelet-client",
+                "system:kubelet-api-admin",
+                APISERVER_KUBELET_CLIENT,
+            ),
+        ]
+        items = [
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRoleBinding",
+                "metadata": {"name": name},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "ClusterRole",
+                    "name": role,
+                },
+                "subjects": [
+                    {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}
+                ],
+            }
+            for name, role, user in bindings
+        ]
+        cp.kubectl(
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}),
+        )
+        return (
+            _cert_kubeconfig(self.workdir / "kubelet.kubeconfig", cp, *kubelet),
+            _cert_kubeconfig(self.workdir / "kube-scheduler.kubeconfig", cp, *scheduler),
+        )
+
+    def _start_scheduler(self, kubeconfig: Path, timeout: float) -> None:
+        port = free_port()
+        log = self.workdir / "kube-scheduler.log"
+        t0 = time.monotonic()
+        proc = _spawn(
+            "kube-scheduler",
+            [
+                str(self.bin_dir / "kube-scheduler"),
+                f"--kubeconfig={kubeconfig}",
+                f"--authentication-kubeconfig={kubeconfig}",
+                f"--authorization-kubeconfig={kubeconfig}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={port}",
+                "--leader-elect=false",
+                "--v=1",
+            ],
+            log,
+        )
+        self._procs.append(proc)
+        _wait("kube-scheduler /healthz", _https_ok(port), [proc], log, timeout)
+        self.startup_seconds["kube-scheduler"] = time.monotonic() - t0
+
+    def _start_kubelet(
+        self, pki: NodePKI, kubeconfig: Path, timeout: float, verbosity: int
+    ) -> None:
+        root = self.workdir / "kubelet"
+        root.mkdir(parents=True, exist_ok=True)
+        healthz_port = free_port()
+        config: dict[str, Any] = {
+            "apiVersion": "kubelet.config.k8s.io/v1beta1",
+            "kind": "KubeletConfiguration",
+            # Serve only on the node IP (the bridge), where the API server reaches it.
+            "address": self.ip,
+            "port": KUBELET_PORT,
+            "readOnlyPort": 0,
+            "healthzBindAddress": "127.0.0.1",
+            "healthzPort": healthz_port,
+            "tlsCertFile": str(pki.kubelet_serving[0]),
+            "tlsPrivateKeyFile": str(pki.kubelet_serving[1]),
+            # Clients: the API server's client certificate; bearer tokens are checked with the
+            # API server, and every request is authorized by a SubjectAccessReview.
+            "authentication": {
+                "anonymous": {"enabled": False},
+                "webhook": {"enabled": True},
+                "x509": {"clientCAFile": str(pki.ca)},
+            },
+            "authorization": {"mode": "Webhook"},
+            # This host's cgroup v1 (hybrid) hierarchy has no systemd to delegate to, and the
+            # kubelet refuses cgroup v1 unless told not to.
+            "cgroupDriver": "cgroupfs",
+            "failCgroupV1": False,
+            "containerRuntimeEndpoint": f"unix://{self.containerd_socket}",
+            "podLogsDir": str(self.workdir / "pod-logs"),
+            # Pods get no DNS servers: there is no cluster DNS, and the host's resolvers are
+            # outside the pod network.
+            "resolvConf": "",
+            "failSwapOn": False,
+            # The imported images cannot be pulled again: never garbage-collect them, and do not
+            # evict pods because a shared test disk is fuller than a real node's would be.
+            "imageGCHighThresholdPercent": 100,
+            "imageGCLowThresholdPercent": 99,
+            "evictionHard": {
+                "memory.available": "100Mi",
+                "nodefs.available": "1%",
+                "nodefs.inodesFree": "1%",
+                "imagefs.available": "1%",
+            },
+            "registerNode": True,
+            "rotateCertificates": False,
+            "serverTLSBootstrap": False,
+        }
+        cfg = self.workdir / "kubelet-config.json"  # JSON is YAML
+        cfg.write_text(json.dumps(config, indent=2) + "\n")
+        log = self.workdir / "kubelet.log"
+        t0 = time.monotonic()
+        proc = _spawn(
+            "kubelet",
+            [
+                str(self.bin_dir / "kubelet"),
+                f"--config={cfg}",
+                f"--kubeconfig={kubeconfig}",
+                f"--hostname-override={self.name}",
+                f"--node-ip={self.ip}",
+                f"--root-dir={root}",
+                f"--cert-dir={root / 'pki'}",
+                f"--v={verbosity}",
+            ],
+            log,
+        )
+        self._procs.append(proc)
+        last: dict[str, str] = {}
+
+        def ready() -> tuple[bool, str]:
+            status, body = self.control_plane.get(f"/api/v1/nodes/{self.name}")
+            if status != 200:
+                return False, f"HTTP {status}"
+            obj = json.loads(body)
+            conds = {c["type"]: c for c in obj.get("status", {}).get("conditions", [])}
+            ok = conds.get("Ready", {}).get("status") == "True"
+            taints = obj.get("spec", {}).get("taints") or []
+            last["state"] = f"Ready={conds.get('Ready', {})} taints={taints}"
+            return ok and not taints, last["state"]
+
+        _wait(f"Node {self.name} Ready and untainted", ready, [proc], log, timeout)
+        self.startup_seconds["kubelet"] = time.monotonic() - t0
+
+    # ---- use -------------------------------------------------------------
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {p.name: p.pid for p in self._procs}
+
+    def log_path(self, name: str) -> Path:
+        return self.workdir / f"{name}.log"
+
+    def log_tail(self, name: str, n: int = 40) -> str:
+        return _tail(self.log_path(name), n)
+
+    def ctr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """containerd's CLI against this node's containerd, in the CRI's k8s.io namespace."""
+        return _run(
+            str(CTR),
+            f"--address={self.containerd_socket}",
+            "--namespace=k8s.io",
+            *args,
+            check=check,
+        )
+
+    def import_image(self, image: LocalImage) -> None:
+        self.ctr("images", "import", str(image.archive))
+
+    # ---- stop ------------------------------------------------------------
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop the kubelet, remove every pod sandbox through the CRI (containers, veths and
+        netns go with them), stop containerd and the scheduler, unmount what is left under the
+        workdir, delete the bridge and the Node object. Safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        errors: list[str] = []
+        by_name = {p.name: p for p in self._procs}
+        if "kubelet" in by_name:
+            by_name["kubelet"].stop(timeout)  # first, or it would restart the pods we remove
+        containerd = by_name.get("containerd")
+        if containerd is not None and containerd.alive():
+            reset = _run(
+                str(self.bin_dir / "cri-reset"), f"unix://{self.containerd_socket}", check=False
+            )
+            if reset.returncode != 0:
+                errors.append(f"cri-reset: {reset.stderr.strip()}")
+        for p in reversed(self._procs):
+            p.stop(timeout)
+        # A stopped kubelet leaves mounted what it mounted: its root dir bind-mounted onto itself
+        # (a shared mount, for mount propagation) and the volumes (tmpfs for projected tokens)
+        # of pods that were still running. Nothing else uses them now.
+        _unmount_all(self.workdir)
+        if _link_exists(self.bridge):
+            _run("ip", "link", "del", self.bridge, check=False)
+        with contextlib.suppress(Exception):
+            if self.control_plane.server:
+                self.control_plane.request("DELETE", f"/api/v1/nodes/{self.name}")
+        with contextlib.suppress(ValueError):
+            _LIVE.remove(self)
+        if errors:
+            raise NodeError("node teardown: " + "; ".join(errors))
+
+    def __enter__(self) -> Node:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _nth(subnet: str, n: int) -> str:
+    return str(ipaddress.ip_network(subnet).network_address + n)
+
+
+def _cert_kubeconfig(path: Path, cp: ControlPlane, cert: Path, key: Path) -> Path:
+    """A kubeconfig with a client certificate (cluster.write_kubeconfig writes token ones)."""
+    write_kubeconfig(path, cp.server, cp.ca_file, token="unused")
+    cfg = json.loads(path.read_text())
+    cfg["users"][0]["user"] = {"client-certificate": str(cert), "client-key": str(key)}
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+    return path
+
+
+def _https_ok(port: int) -> Callable[[], tuple[bool, str]]:
+    insecure = ssl.create_default_context()
+    insecure.check_hostname = False
+    insecure.verify_mode = ssl.CERT_NONE  # the component's self-signed serving certificate
+
+    def check() -> tuple[bool, str]:
+        url = f"https://127.0.0.1:{port}/healthz"
+        with urllib.request.urlopen(url, context=insecure, timeout=2) as r:
+            return r.status == 200, r.read().decode(errors="replace")
+
+    return check

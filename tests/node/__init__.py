@@ -1,0 +1,1 @@
+"""Tests on a real node: kube-scheduler, a kubelet, containerd and runc (controlplane/node.py)."""

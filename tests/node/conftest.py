@@ -1,0 +1,67 @@
+"""Fixtures for the real-node tests: a control plane of their own, started with the flags a node
+needs (the API server's kubelet client certificate, the node lifecycle controller), and one Node
+(containerd + runc + CNI bridge, kube-scheduler, kubelet) joined to it, for the whole session.
+
+Without root, Debian's container packages or a Go toolchain the tests fail; with
+``COTRAIN_ALLOW_NO_NODE=1`` they skip instead (never in CI).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.controlplane.cluster import ControlPlane, start_control_plane
+from tests.controlplane.images import LocalImage, busybox_image
+from tests.controlplane.node import (
+    SETUP_SCRIPT,
+    Node,
+    NodePKI,
+    missing_prerequisites,
+    node_control_plane_args,
+)
+
+
+@dataclass(frozen=True)
+class RealNode:
+    node: Node
+    control_plane: ControlPlane
+    test_image: LocalImage  # imported into the node's containerd; pods use imagePullPolicy Never
+
+
+def _unavailable(msg: str) -> None:
+    # A skipped test must never pass for a run that was meant to test: skipping is opt-in.
+    if os.environ.get("COTRAIN_ALLOW_NO_NODE") == "1":
+        pytest.skip(msg)
+    pytest.fail(msg)
+
+
+@pytest.fixture(scope="session")
+def node_bin_dir(control_plane_bin_dir: Path) -> Path:
+    """The kubelet, kube-scheduler, pause and cri-reset, built with the control plane."""
+    missing = missing_prerequisites()
+    if missing:
+        _unavailable(f"no real node here, missing {', '.join(missing)} (run {SETUP_SCRIPT})")
+    return control_plane_bin_dir
+
+
+@pytest.fixture(scope="session")
+def real_node(
+    control_plane_bin_dir: Path, node_bin_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RealNode]:
+    work = tmp_path_factory.mktemp("real-node")
+    pki = NodePKI.create(work / "node-pki")
+    cp = start_control_plane(work / "cp", control_plane_bin_dir, **node_control_plane_args(pki))
+    try:
+        image = busybox_image()
+        node = Node.start(cp, node_bin_dir, work / "node", pki, images=[image])
+        try:
+            yield RealNode(node, cp, image)
+        finally:
+            node.stop()
+    finally:
+        cp.stop()
