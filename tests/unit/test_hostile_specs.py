@@ -38,7 +38,8 @@ NODES: list[GpuNode] = [
     )
     if n is not None
 ]
-# A decision takes a few milliseconds; this bound only catches big-number arithmetic (46 s).
+# A decision takes a few milliseconds of CPU; this bound only catches big-number arithmetic (46 s
+# of it). CPU time of this thread, not wall time: another process on the cores slows neither.
 DECIDE_BUDGET_SECONDS = 1.0
 
 
@@ -54,10 +55,10 @@ def _stored(document: dict[str, Any]) -> dict[str, Any]:
 def test_class_1_the_worst_quantity_the_schema_admits_is_placed_at_once() -> None:
     document = a_job().sharing(mode="Exclusive").gpu(memory="9223372036854775807").build()
     job = parse_job(document)
-    started = time.perf_counter()
+    started = time.thread_time()
     placed = place(job, NODES)
     decision = decide(_stored(document), [], NODES, NOW)
-    assert time.perf_counter() - started < DECIDE_BUDGET_SECONDS
+    assert time.thread_time() - started < DECIDE_BUDGET_SECONDS
     assert type(placed).__name__ == "Unschedulable"  # 8 EiB fits no GPU
     assert decision.phase == "Pending"
 
@@ -333,8 +334,8 @@ def test_decide_never_raises_nor_takes_long_on_any_job_it_may_see(
             assert decide(body, [], NODES, NOW).phase == "Failed"
         return
     body, pods = data.draw(observed(_stored(document)))
-    started = time.perf_counter()
+    started = time.thread_time()
     decision = decide(body, pods, NODES, NOW + timedelta(seconds=later))
-    assert time.perf_counter() - started < DECIDE_BUDGET_SECONDS
+    assert time.thread_time() - started < DECIDE_BUDGET_SECONDS
     assert decision.phase in (None, "Pending", "Running", "Succeeded", "Failed", "Suspended")
     json.dumps(decision.status_patch)  # what is patched is JSON
