@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -29,7 +29,9 @@ from cotrain_operator.reconcile.access import build_trainer_identity
 from cotrain_operator.reconcile.children import LABEL_JOB
 from cotrain_operator.reconcile.create_errors import CreateOutcome, classify, refusal_message
 from cotrain_operator.reconcile.job import TERMINAL, Decision, decide, failed_create
+from cotrain_operator.reconcile.placement import held_share
 from cotrain_operator.sharing import GpuNode, parse_node
+from cotrain_operator.sharing.inventory import less_held
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, name)
@@ -44,8 +46,6 @@ INFORMATIONAL = frozenset({"progress", "sharing"})
 STATUS_REFRESH_SECONDS = float(os.environ.get("COTRAIN_STATUS_REFRESH_SECONDS", "10"))
 # A decision that takes longer is logged: every accepted spec decides in milliseconds.
 SLOW_DECIDE_SECONDS = 1.0
-# The longest message the operator writes into a condition.
-MAX_MESSAGE = 4096
 
 
 class Controller:
@@ -58,6 +58,9 @@ class Controller:
         # namespace -> pod name -> job name, for the pods above: pod names are per namespace.
         self._pod_jobs: dict[str, dict[str, str]] = defaultdict(dict)
         self.nodes: dict[str, GpuNode] = {}
+        # The GPU shares our live, bound pods hold: per node, and each pod's part of it.
+        self._held: dict[str, Counter[str]] = defaultdict(Counter)
+        self._pod_holds: dict[Key, tuple[str, dict[str, int]]] = {}
         self._queue: asyncio.Queue[Key] = asyncio.Queue()
         self._queued: set[Key] = set()
         self._active: set[Key] = set()
@@ -110,8 +113,32 @@ class Controller:
         else:
             self.pods[key][name] = _cached(body)
             self._pod_jobs[key[0]][name] = key[1]
+        self._count_held((key[0], name), None if event_type == "DELETED" else body)
         if key in self.jobs:
             self.enqueue(key)
+
+    def _count_held(self, pod: Key, body: Mapping[str, Any] | None) -> None:
+        """Keep the GPU shares our live pods hold per node in step with one pod's event."""
+        before = self._pod_holds.pop(pod, None)
+        if before is not None:
+            node, shares = before
+            for resource, amount in shares.items():
+                self._held[node][resource] -= amount
+                if not self._held[node][resource]:
+                    del self._held[node][resource]
+            if not self._held[node]:
+                del self._held[node]
+        now = held_share(body) if body is not None else None
+        if now is not None:
+            self._pod_holds[pod] = now
+            node, shares = now
+            for resource, amount in shares.items():
+                self._held[node][resource] += amount
+
+    def free_nodes(self) -> list[GpuNode]:
+        """The GPU nodes less the shares our live pods hold on them (kube-scheduler counts the
+        pods of others too; its verdict on each pod reaches the job's conditions)."""
+        return [less_held(node, self._held.get(name, {})) for name, node in self.nodes.items()]
 
     def on_node(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         name = str((body.get("metadata") or {}).get("name"))
@@ -239,7 +266,7 @@ class Controller:
             key,
             body,
             list(self.pods.get(key, {}).values()),
-            list(self.nodes.values()),
+            self.free_nodes(),
             datetime.now(UTC),
             dict(self._pod_jobs.get(namespace) or {}),
         )
@@ -289,7 +316,7 @@ class Controller:
                 )
                 log.warning("%s/%s: %s", *key, message)
                 pods = list(self.pods.get(key, {}).values())
-                return failed_create(body, pods, message[:MAX_MESSAGE], datetime.now(UTC))
+                return failed_create(body, pods, message, datetime.now(UTC))
         if any(outcome is CreateOutcome.RECREATE_IDENTITY for _, _, outcome in judged):
             self._identities.pop(key[0], None)  # someone deleted it: the retry makes it again
         child, error, _ = judged[0]

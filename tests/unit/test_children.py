@@ -56,7 +56,12 @@ def test_pods_meet_the_restricted_profile_and_request_their_share(
         assert terms["nodeSelectorTerms"][0]["matchExpressions"][0]["values"] == ["n"]
         env = {e["name"] for e in container["env"]}
         assert "COTRAIN_POD_PLAN" in env
-        assert ("CUDA_MPS_PIPE_DIRECTORY" in env) == (mode == "MPS")
+        # The device plugin sets the MPS pipe directory and mounts it and its /dev/shm: the pod
+        # sets and mounts nothing over them, or its members would miss the daemon.
+        assert not [name for name in env if name.startswith("CUDA_MPS_")]
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        assert ("/dev/shm" in mounts) == (mode != "MPS")
+        assert not [m for m in mounts if "mps" in m]
 
 
 def test_every_child_is_owned_labelled_and_deterministically_named() -> None:

@@ -298,3 +298,42 @@ def test_a_pod_name_another_jobs_pod_has_waits_and_says_why() -> None:
     cluster.settle()
     assert sorted(cluster.pods) == ["a-b-c-0", "a-b-tf-0"]
     assert cluster.condition("Schedulable")["status"] == "True"
+
+
+def test_the_schedulers_verdict_on_a_pending_pod_is_the_jobs_schedulability() -> None:
+    cluster = state()
+    cluster.settle()
+    assert cluster.condition("Schedulable")["status"] == "True"  # our own fit check
+    verdict = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    cluster.pods["demo-gpu-0"]["status"]["conditions"] = [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": verdict}
+    ]
+    cluster.settle()
+    schedulable = cluster.condition("Schedulable")
+    assert (schedulable["status"], schedulable["reason"]) == ("False", "Unschedulable")
+    assert schedulable["message"] == f"pod demo-gpu-0: {verdict}"
+    running = cluster.condition("Running")
+    assert (running["reason"], running["message"]) == ("Unschedulable", schedulable["message"])
+    warnings = [e for d in cluster.decisions for e in d.events if e.reason == "Unschedulable"]
+    assert len(warnings) == 1  # once, not on every reconcile
+    # Bound at last: the condition mends.
+    pod = cluster.pods["demo-gpu-0"]
+    pod["spec"]["nodeName"] = "gpu-a"
+    pod["status"]["conditions"] = [{"type": "PodScheduled", "status": "True"}]
+    cluster.settle()
+    schedulable = cluster.condition("Schedulable")
+    assert (schedulable["status"], schedulable["reason"]) == ("True", "Scheduled")
+    assert "demo-gpu-0 on gpu-a" in schedulable["message"]
+
+
+def test_a_bound_pod_writes_no_status_of_its_own() -> None:
+    cluster = state()
+    cluster.settle()
+    written = len([d for d in cluster.decisions if d.status_patch])
+    cluster.pods["demo-gpu-0"]["spec"]["nodeName"] = "gpu-a"
+    cluster.pods["demo-gpu-0"]["status"]["conditions"] = [
+        {"type": "PodScheduled", "status": "True"}
+    ]
+    cluster.settle()
+    patches = [d.status_patch for d in cluster.decisions if d.status_patch][written:]
+    assert all("conditions" not in p for p in patches), patches

@@ -209,3 +209,37 @@ def test_cpu_threads_follow_the_spec() -> None:
     budgets = placed(document, gpu_node("a", sharing="time-slicing", replicas=2)).groups[0].budgets
     assert budgets["torch"].cpu_threads == 3
     assert budgets["tf"].cpu_threads == 2
+
+
+@pytest.mark.parametrize(
+    ("replicas", "percent", "fits"),
+    [
+        (2, 50, True),
+        (2, 51, False),
+        (4, 25, True),
+        (4, 60, False),
+        (1, 100, True),
+        (3, 33, True),
+        (3, 34, False),
+    ],
+)
+def test_mps_compute_percent_is_placed_against_what_the_nodes_daemon_grants(
+    replicas: int, percent: int, fits: bool
+) -> None:
+    # The device plugin's MPS daemon gives each client 100/replicas percent; a client's own
+    # CUDA_MPS_ACTIVE_THREAD_PERCENTAGE can only lower it.
+    document = a_job().sharing(mode="MPS").gpu(0, computePercent=percent).build()
+    node = gpu_node("mps", sharing="mps", replicas=replicas)
+    result = place(parse_job(document), nodes(node))
+    assert isinstance(result, Placement) is fits, result
+    if not fits:
+        assert isinstance(result, Unschedulable)
+        assert f"at most {100 // replicas}% of the GPU (100/{replicas} replicas)" in result.message
+        assert f"gpu.computePercent torch {percent}%" in result.message
+
+
+def test_auto_with_compute_shares_never_falls_back_to_a_mode_that_drops_them() -> None:
+    document = a_job().sharing(mode="Auto").gpu(0, computePercent=50).build()
+    result = refused(document, gpu_node("ts", sharing="time-slicing", replicas=2))
+    assert "in mode MPS" in result.message
+    assert "not set up for mps" in result.message

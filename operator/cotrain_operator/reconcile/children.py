@@ -47,6 +47,8 @@ MANAGED_BY = "cotrain-operator"
 TRAINER_CONTAINER = "trainer"
 DEFAULT_TRAINER_IMAGE = os.environ.get("COTRAIN_TRAINER_IMAGE", "ghcr.io/cotrain/trainer:0.1.0")
 TRAINER_UID = 1000
+# Shared memory for the frameworks' data loaders; under MPS the device plugin mounts its own.
+SHM_PATH = "/dev/shm"
 
 
 def job_labels(job_name: str) -> dict[str, str]:
@@ -234,10 +236,11 @@ def build_pod(
         {"name": ENV_POD_PLAN, "value": plan.model_dump_json(by_alias=True, exclude_none=True)},
         {"name": ENV_REPORT_MODE, "value": "kubernetes"},
     ]
-    if placement.mode == SharingMode.MPS:
-        # The device plugin's MPS daemon reads the pinned limits from the client's env, so the
-        # trainer sets them per member; this tells the trainer where the pipe lives.
-        env.append({"name": "CUDA_MPS_PIPE_DIRECTORY", "value": "/tmp/nvidia-mps"})
+    # Under MPS the device plugin's Allocate gives the container CUDA_MPS_PIPE_DIRECTORY, mounts
+    # its daemon's pipe directory and its /dev/shm: the pod sets and mounts nothing over them, so
+    # the members (which inherit the supervisor's environment) reach the daemon. The trainer sets
+    # each member's own limits (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, ..._PINNED_DEVICE_MEM_LIMIT).
+    mps = placement.mode == SharingMode.MPS
     container: dict[str, Any] = {
         "name": TRAINER_CONTAINER,
         "image": image,
@@ -250,10 +253,8 @@ def build_pod(
             "readOnlyRootFilesystem": True,
             "runAsNonRoot": True,
         },
-        "volumeMounts": [
-            {"name": "tmp", "mountPath": "/tmp"},
-            {"name": "dshm", "mountPath": "/dev/shm"},
-        ],
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]
+        + ([] if mps else [{"name": "dshm", "mountPath": SHM_PATH}]),
     }
     # The supervisor runs every member (built-in or its own command) as a process of its own.
     container["command"] = ["cotrain", "supervise"]
@@ -296,9 +297,7 @@ def build_pod(
                 {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
             ],
             "containers": [container],
-            "volumes": [
-                {"name": "tmp", "emptyDir": {}},
-                {"name": "dshm", "emptyDir": {"medium": "Memory"}},
-            ],
+            "volumes": [{"name": "tmp", "emptyDir": {}}]
+            + ([] if mps else [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]),
         },
     }

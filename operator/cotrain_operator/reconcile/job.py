@@ -11,6 +11,7 @@ twice on the same observations gives the same objects, so a restarted operator d
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -205,6 +206,9 @@ def _failed(
 
 
 REASON_POD_NAME_TAKEN = "PodNameTaken"
+REASON_UNSCHEDULABLE = "Unschedulable"  # kube-scheduler's reason for a pod it cannot place
+# The longest message the operator writes into a condition.
+MAX_MESSAGE = 4096
 POD_NAME_RETRY_SECONDS = 30.0
 
 
@@ -290,6 +294,18 @@ def decide(
         )
         _create_missing(body, job, placement, groups, decision)
 
+    verdict = _scheduler_verdict(groups) if placement is None else None
+    if verdict is not None:
+        # The pods exist: kube-scheduler's word on them is the job's schedulability now. A bound
+        # pod only mends a False condition (no status write for the usual way of things).
+        fits, why, detail = verdict
+        if not fits or _condition_status(status, "Schedulable") == "False":
+            conditions = set_condition(
+                conditions, "Schedulable", fits, why, detail, generation, now
+            )
+        if not fits and not condition_is(status, "Schedulable", False, detail):
+            decision.events.append(Event("Warning", why, detail))
+
     taken = _name_taken(body, decision, pod_jobs or {})
     if taken is not None:
         # No child of this job until the name is free: it stays Pending and says why.
@@ -303,6 +319,8 @@ def decide(
 
     member_status = _member_status(job, groups, reports)
     job_phase, reason, message = _job_phase(job, groups, member_status, placement)
+    if job_phase == JobPhase.PENDING.value and verdict is not None and not verdict[0]:
+        reason, message = verdict[1], verdict[2]
     started = status.get("startTime") or _start_time(pods, decision, now)
     finished = job_phase in TERMINAL
 
@@ -383,6 +401,13 @@ def _unfinished_pods(
     return doomed
 
 
+def _condition_status(status: Mapping[str, Any], kind: str) -> str | None:
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == kind:
+            return str(condition.get("status"))
+    return None
+
+
 def condition_is(status: Mapping[str, Any], kind: str, value: bool, message: str) -> bool:
     for condition in status.get("conditions") or []:
         if condition.get("type") == kind:
@@ -400,7 +425,7 @@ def failed_create(
     that no retry can change (`create_errors.classify`). Its pods are stopped; a new spec
     (metadata.generation) tries again."""
     generation = (body.get("metadata") or {}).get("generation")
-    return _failed(body, REASON_FAILED_CREATE, message, generation, now, pods)
+    return _failed(body, REASON_FAILED_CREATE, message[:MAX_MESSAGE], generation, now, pods)
 
 
 def _reopened(status: Mapping[str, Any], generation: int | None) -> bool:
@@ -509,6 +534,38 @@ def _observe(
     else:
         state.outcome, state.reason = "Crashed", reason or REASON_ERROR
     return state
+
+
+def _scheduler_verdict(groups: list[_GroupState]) -> tuple[bool, str, str] | None:
+    """What kube-scheduler said of the job's live pods: (False, its reason, its message) for the
+    first it cannot place, (True, "Scheduled", where they went) once all are bound, None while
+    it has said nothing."""
+    bound = []
+    for state in groups:
+        pod = state.current
+        if pod is None or _pod_phase(pod) != "Pending":
+            continue
+        name = pod["metadata"]["name"]
+        node = (pod.get("spec") or {}).get("nodeName")
+        scheduled = next(
+            (
+                c
+                for c in (pod.get("status") or {}).get("conditions") or []
+                if isinstance(c, Mapping) and c.get("type") == "PodScheduled"
+            ),
+            None,
+        )
+        if scheduled is not None and scheduled.get("status") == "False":
+            reason = str(scheduled.get("reason") or REASON_UNSCHEDULABLE)
+            why = reason if re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", reason) else REASON_UNSCHEDULABLE
+            return False, why, f"pod {name}: {scheduled.get('message') or reason}"[:MAX_MESSAGE]
+        if node:
+            bound.append(f"{name} on {node}")
+        elif scheduled is None:
+            return None
+    if not bound:
+        return None
+    return True, "Scheduled", "kube-scheduler bound pod " + ", ".join(bound)
 
 
 def _name_taken(

@@ -9,13 +9,16 @@ nowhere gets an `Unschedulable` that names the node facts, before any pod exists
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from cotrain_operator.api.budget import cpu_threads, memory_budgets
 from cotrain_operator.api.contract import PlannedBudget
 from cotrain_operator.api.models import CoTrainJob, Member, PlacementStrategy, SharingMode
 from cotrain_operator.api.quantity import quantity_bytes
 from cotrain_operator.sharing import GpuNode, Refusal, Share, auto_mode, strategy
+from cotrain_operator.sharing.inventory import NVIDIA_RESOURCE_PREFIX
 
 MIB = 2**20
 SAME_GPU_GROUP = "gpu"
@@ -67,6 +70,27 @@ class Unschedulable:
     refusals: tuple[Refusal, ...] = field(default=())
 
 
+def held_share(pod: Mapping[str, Any]) -> tuple[str, dict[str, int]] | None:
+    """(node, GPU shares by resource) that a live pod bound to a node holds, or None: a pod
+    not yet bound, finished or being deleted holds none."""
+    metadata = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    node = spec.get("nodeName")
+    phase = (pod.get("status") or {}).get("phase")
+    if not node or metadata.get("deletionTimestamp") or phase in ("Succeeded", "Failed"):
+        return None
+    held: dict[str, int] = {}
+    for container in spec.get("containers") or []:
+        limits = (container.get("resources") or {}).get("limits") or {}
+        for resource, amount in limits.items():
+            if str(resource).startswith(NVIDIA_RESOURCE_PREFIX):
+                try:
+                    held[resource] = held.get(resource, 0) + int(str(amount))
+                except ValueError:
+                    continue
+    return (str(node), held) if held else None
+
+
 def pod_groups(job: CoTrainJob) -> tuple[PodGroup, ...]:
     members = tuple(job.spec.members)
     if job.spec.placement.strategy == PlacementStrategy.SAME_GPU:
@@ -110,6 +134,18 @@ def _offer(job: CoTrainJob, mode: SharingMode, node: GpuNode, group: PodGroup) -
             f"{node.facts()}: a {mode.value} share holds {offer.memory_bytes // MIB}MiB, "
             f"less than the {demand // MIB}MiB the members ask for",
         )
+    if isinstance(offer, Share) and offer.compute_percent is not None:
+        # An MPS client's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE can only lower the daemon's limit,
+        # which the device plugin sets to 100/replicas: asking for more would silently get less.
+        greedy = [m for m in group.members if (m.gpu.compute_percent or 0) > offer.compute_percent]
+        if greedy:
+            asked = ", ".join(f"{m.name} {m.gpu.compute_percent}%" for m in greedy)
+            return Refusal(
+                node.name,
+                f"{node.facts()}: its MPS daemon grants each client at most "
+                f"{offer.compute_percent}% of the GPU (100/{node.replicas} replicas), less than "
+                f"gpu.computePercent {asked}",
+            )
     return offer
 
 
@@ -155,12 +191,14 @@ def place(job: CoTrainJob, nodes: list[GpuNode]) -> Placement | Unschedulable:
         return Unschedulable("NoGPUNodes", f"no ready node{where} offers an NVIDIA GPU")
     requested = job.spec.sharing.mode
     if requested == SharingMode.AUTO:
-        wants_mps = any(m.gpu.compute_percent is not None for m in job.spec.members)
-        modes = [SharingMode.MPS] if wants_mps else []
+        modes = []
         for node in candidates:
             mode = auto_mode(node)
             if mode not in modes:
                 modes.append(mode)
+        if any(m.gpu.compute_percent is not None for m in job.spec.members):
+            # gpu.computePercent is an MPS share: no other mode can honour it.
+            modes = [SharingMode.MPS]
     else:
         modes = [requested]
     refusals: list[Refusal] = []

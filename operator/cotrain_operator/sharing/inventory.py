@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 MIB = 2**20
+NVIDIA_RESOURCE_PREFIX = "nvidia.com/"  # every resource NVIDIA's device plugins advertise
 GPU_RESOURCE = "nvidia.com/gpu"
 SHARED_GPU_RESOURCE = "nvidia.com/gpu.shared"
 LABEL_COUNT = "nvidia.com/gpu.count"
@@ -77,6 +78,14 @@ class GpuNode:
         return f"{self.name} ({', '.join(parts)})"
 
 
+def less_held(node: GpuNode, held: Mapping[str, int]) -> GpuNode:
+    """`node` with the GPU shares that live pods already hold taken off its allocatable."""
+    if not held:
+        return node
+    free = {k: max(0, v - held.get(k, 0)) for k, v in node.allocatable.items()}
+    return replace(node, allocatable=free)
+
+
 def mig_name(profile: str) -> str:
     """How the device plugin and GFD spell a MIG profile in resource names and label keys."""
     return profile.replace("+", ".")
@@ -96,7 +105,7 @@ def parse_node(node: Mapping[str, Any]) -> GpuNode | None:
     allocatable = {
         key: amount
         for key, value in (status.get("allocatable") or {}).items()
-        if key.startswith("nvidia.com/") and (amount := _int(value)) is not None
+        if key.startswith(NVIDIA_RESOURCE_PREFIX) and (amount := _int(value)) is not None
     }
     slices = []
     for key, value in labels.items():
