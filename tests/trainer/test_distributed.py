@@ -201,7 +201,7 @@ mine = [l for l in runs.read_text().splitlines() if l.split()[0] == str(rank)]
 failures = runs.with_name("failures")
 if rank == 1 and (len(mine) == 1 or sys.argv[3] == "always"):
     with failures.open("a") as out:
-        out.write("1\n")
+        out.write("1\\n")
     raise SystemExit(fail)
 # Rank 0 stands for a rank blocked on a peer that died: until rank 1 has failed it waits, and the
 # gang must stop it. (Counting its own runs instead misreads a first run the gang stopped before

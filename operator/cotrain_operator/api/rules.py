@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from cotrain_operator.api.metadata import MAX_LABEL, MAX_SUBDOMAIN
 from cotrain_operator.api.models import (
     DNS_LABEL,
     GENERATED_SUFFIX,
@@ -51,6 +52,8 @@ def cel_quantity(value: str, check: str) -> str:
     return f"(string({value}).matches(r'{QUANTITY_PATTERN}') ? {check.format(q=parsed)} : true)"
 
 
+# A label key: a DNS subdomain prefix, "/", and a name of at most 63 characters.
+MAX_LABEL_KEY = MAX_SUBDOMAIN + 1 + MAX_LABEL
 _CEL_MAX = "{q}.compareTo(quantity('" + str(MAX_QUANTITY) + "')) <= 0"
 
 
@@ -147,6 +150,14 @@ RULES: tuple[Rule, ...] = (
         "member in one pod): remove sameNode or set strategy to PodPerMember",
         field_path=".sameNode",
         check=lambda p: not p.same_node or p.strategy == PlacementStrategy.POD_PER_MEMBER,
+    ),
+    Rule(
+        node=Placement,
+        cel=f"!has(self.nodeSelector) || self.nodeSelector.all(k, size(k) <= {MAX_LABEL_KEY})",
+        message=f"nodeSelector keys are node label keys (prefix/name), at most {MAX_LABEL_KEY} "
+        "characters: shorten the key",
+        field_path=".nodeSelector",
+        check=lambda p: all(len(k) <= MAX_LABEL_KEY for k in p.node_selector),
     ),
     Rule(
         node=CoTrainJobSpec,
