@@ -243,3 +243,13 @@ def test_auto_with_compute_shares_never_falls_back_to_a_mode_that_drops_them() -
     result = refused(document, gpu_node("ts", sharing="time-slicing", replicas=2))
     assert "in mode MPS" in result.message
     assert "not set up for mps" in result.message
+
+
+def test_members_without_gpu_memory_are_never_left_a_zero_budget() -> None:
+    # A 12Gi time-slicing replica: torch takes all of it, tf sets no gpu.memory.
+    node = gpu_node("ts", sharing="time-slicing", replicas=2, memory_mib=24576)
+    whole = a_job().sharing(mode="TimeSlicing").gpu(0, memory="12Gi").build()
+    message = refused(whole, node).message
+    assert "leaving none for tf (no gpu.memory)" in message
+    most = a_job().sharing(mode="TimeSlicing").gpu(0, memory="11Gi").build()
+    assert placed(most, node).groups[0].budgets["tf"].memory_bytes == GIB

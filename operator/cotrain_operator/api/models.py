@@ -463,7 +463,10 @@ class MemberStatus(_StatusModel):
         default=None, ge=0, description="Training throughput at the last report."
     )
     gpu_memory_bytes: int | None = Field(
-        default=None, ge=0, description="GPU memory the member's process uses now (NVML)."
+        default=None,
+        ge=0,
+        description="Device memory the member's process holds now, as its framework counts it "
+        "(NVML for a member that reports none); 0 on the CPU.",
     )
     gpu_memory_peak_bytes: int | None = Field(
         default=None, ge=0, description="Peak GPU memory of the member's process."

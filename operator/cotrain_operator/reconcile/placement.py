@@ -134,6 +134,18 @@ def _offer(job: CoTrainJob, mode: SharingMode, node: GpuNode, group: PodGroup) -
             f"{node.facts()}: a {mode.value} share holds {offer.memory_bytes // MIB}MiB, "
             f"less than the {demand // MIB}MiB the members ask for",
         )
+    unset = [m.name for m in group.members if m.gpu.memory is None]
+    if isinstance(offer, Share) and offer.memory_bytes is not None and unset:
+        # The members without gpu.memory split what is left; nothing left would leave them
+        # uncapped beside members that asked for the whole share.
+        left = offer.memory_bytes - demand
+        if left < MIB * len(unset):
+            return Refusal(
+                node.name,
+                f"{node.facts()}: a {mode.value} share holds {offer.memory_bytes // MIB}MiB and "
+                f"the members' gpu.memory take {demand // MIB}MiB of it, leaving none for "
+                f"{', '.join(unset)} (no gpu.memory)",
+            )
     if isinstance(offer, Share) and offer.compute_percent is not None:
         # An MPS client's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE can only lower the daemon's limit,
         # which the device plugin sets to 100/replicas: asking for more would silently get less.
