@@ -43,7 +43,7 @@ hash="$(
 cache_root="${COTRAIN_CACHE:-$HOME/.cache/cotrain}/controlplane"
 out="$cache_root/$hash"
 bin="$out/bin"
-want=(etcd kube-apiserver kube-controller-manager kubectl kube-scheduler kubelet pause cri-reset)
+want=(etcd kube-apiserver kube-controller-manager kubectl kube-scheduler kubelet pause cri-reset fake-gpu-plugin)
 
 complete() {
   [[ -f "$out/.complete" ]] || return 1

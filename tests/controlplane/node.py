@@ -77,6 +77,9 @@ CONTAINERD = Path("/usr/bin/containerd")
 CTR = Path("/usr/bin/ctr")
 RUNC = Path("/usr/sbin/runc")
 CNI_BIN_DIR = Path("/usr/lib/cni")
+# The kubelet serves its device-plugin registration here whatever its --root-dir says
+# (deviceplugin/v1beta1.DevicePluginPath): one node at a time per host.
+DEVICE_PLUGIN_DIR = Path("/var/lib/kubelet/device-plugins")
 # Unix sockets carry at most 107 bytes of path.
 _MAX_SOCKET_PATH = 100
 
@@ -601,6 +604,40 @@ disabled_plugins = [
         _wait(f"Node {self.name} Ready and untainted", ready, [proc], log, timeout)
         self.startup_seconds["kubelet"] = time.monotonic() - t0
 
+    # ---- GPUs --------------------------------------------------------------
+
+    def start_gpu_plugin(self, gpus: FakeGpus, timeout: float = 30.0) -> None:
+        """Start fake-gpu-plugin (build.sh's stand-in for NVIDIA's device plugin) and wait until
+        the Node's allocatable shows its devices: registered through the kubelet's own
+        device-plugin gRPC API, so the kubelet allocates them and merges the plugin's env and
+        mounts into each container that asks."""
+        name = "fake-gpu-plugin-" + gpus.resource.replace("/", "-")
+        argv = [
+            str(self.bin_dir / "fake-gpu-plugin"),
+            f"-plugin-dir={DEVICE_PLUGIN_DIR}",
+            f"-resource={gpus.resource}",
+            f"-devices={gpus.devices}",
+        ]
+        if gpus.mps:
+            argv.append(f"-mps-root={self.mps_root}")
+        log = self.workdir / f"{name}.log"
+        proc = _spawn(name, argv, log)
+        self._procs.append(proc)
+
+        def advertised() -> tuple[bool, str]:
+            status, body = self.control_plane.get(f"/api/v1/nodes/{self.name}")
+            if status != 200:
+                return False, f"HTTP {status}"
+            allocatable = json.loads(body).get("status", {}).get("allocatable", {})
+            return allocatable.get(gpus.resource) == str(gpus.devices), str(allocatable)
+
+        _wait(f"{gpus.devices} {gpus.resource} on {self.name}", advertised, [proc], log, timeout)
+
+    @property
+    def mps_root(self) -> Path:
+        """Where the fake MPS daemon's pipe directory and /dev/shm live on the host."""
+        return self.workdir / "mps"
+
     # ---- use -------------------------------------------------------------
 
     @property
@@ -667,6 +704,16 @@ disabled_plugins = [
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@dataclass(frozen=True)
+class FakeGpus:
+    """Fake GPUs a node advertises through fake-gpu-plugin: `devices` units of `resource`,
+    answered as NVIDIA's plugin answers in MPS mode when `mps`."""
+
+    resource: str = "nvidia.com/gpu"
+    devices: int = 1
+    mps: bool = False
 
 
 def _nth(subnet: str, n: int) -> str:
