@@ -293,6 +293,7 @@ class Node:
     startup_seconds: dict[str, float] = field(default_factory=dict)
     _procs: list[_Proc] = field(default_factory=list, repr=False)
     _stopped: bool = field(default=False, repr=False)
+    _gpu_plugins: dict[str, FakeGpus] = field(default_factory=dict, repr=False)
 
     # ---- start -----------------------------------------------------------
 
@@ -611,6 +612,12 @@ disabled_plugins = [
         the Node's allocatable shows its devices: registered through the kubelet's own
         device-plugin gRPC API, so the kubelet allocates them and merges the plugin's env and
         mounts into each container that asks."""
+        running = self._gpu_plugins.get(gpus.resource)
+        if running is not None:
+            if running != gpus:
+                raise NodeError(f"{gpus.resource} is already advertised as {running}")
+            return
+        self._gpu_plugins[gpus.resource] = gpus
         name = "fake-gpu-plugin-" + gpus.resource.replace("/", "-")
         argv = [
             str(self.bin_dir / "fake-gpu-plugin"),

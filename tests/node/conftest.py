@@ -19,6 +19,7 @@ from tests.controlplane.cluster import ControlPlane, start_control_plane
 from tests.controlplane.images import LocalImage, busybox_image
 from tests.controlplane.node import (
     SETUP_SCRIPT,
+    FakeGpus,
     Node,
     NodePKI,
     missing_prerequisites,
@@ -65,3 +66,29 @@ def real_node(
             node.stop()
     finally:
         cp.stop()
+
+
+# What GPU Feature Discovery would label an MPS node with (it stays a label: no GFD runs here).
+GFD_MPS_LABELS = {
+    "nvidia.com/gpu.present": "true",
+    "nvidia.com/gpu.count": "1",
+    "nvidia.com/gpu.product": "NVIDIA-L4",
+    "nvidia.com/gpu.memory": "24576",
+    "nvidia.com/gpu.sharing-strategy": "mps",
+    "nvidia.com/gpu.replicas": "2",
+    "nvidia.com/mig.strategy": "none",
+}
+MPS_GPUS = FakeGpus("nvidia.com/gpu", devices=2, mps=True)
+
+
+@pytest.fixture(scope="session")
+def mps_node(real_node: RealNode) -> RealNode:
+    """The real node with two fake MPS replicas from fake-gpu-plugin and GFD's labels."""
+    node, cp = real_node.node, real_node.control_plane
+    node.start_gpu_plugin(MPS_GPUS)
+    # What the plugin's MPS daemon would have made: its control pipe and its shared memory.
+    (node.mps_root / "nvidia.com" / "gpu" / "pipe" / "control").write_text("")
+    (node.mps_root / "shm" / "cuda.shm.daemon").write_text("")
+    labels = [f"{key}={value}" for key, value in GFD_MPS_LABELS.items()]
+    cp.kubectl("label", "node", node.name, "--overwrite", *labels)
+    return real_node

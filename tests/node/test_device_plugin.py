@@ -14,23 +14,12 @@ import pytest
 from cotrain_operator.reconcile.access import TRAINER_SERVICE_ACCOUNT
 from cotrain_operator.reconcile.job import decide
 from cotrain_operator.sharing import parse_node
-from tests.controlplane.node import FakeGpus
 from tests.fixtures.jobs import a_job
 from tests.node.conftest import RealNode
 from tests.node.test_real_node import _wait_pod
 
 pytestmark = pytest.mark.slow
 
-# What GPU Feature Discovery would label an MPS node with (it stays a label: no GFD runs here).
-GFD_LABELS = {
-    "nvidia.com/gpu.present": "true",
-    "nvidia.com/gpu.count": "1",
-    "nvidia.com/gpu.product": "NVIDIA-L4",
-    "nvidia.com/gpu.memory": "24576",
-    "nvidia.com/gpu.sharing-strategy": "mps",
-    "nvidia.com/gpu.replicas": "2",
-    "nvidia.com/mig.strategy": "none",
-}
 PROBE = (
     'echo "visible=$NVIDIA_VISIBLE_DEVICES pipe=$CUDA_MPS_PIPE_DIRECTORY"; '
     'ls /dev/shm; ls "$CUDA_MPS_PIPE_DIRECTORY"; id -u'
@@ -38,17 +27,9 @@ PROBE = (
 
 
 def test_an_mps_trainer_pod_reaches_the_plugins_daemon_through_the_kubelets_merge(
-    real_node: RealNode,
+    mps_node: RealNode,
 ) -> None:
-    node, cp = real_node.node, real_node.control_plane
-    node.start_gpu_plugin(FakeGpus("nvidia.com/gpu", devices=2, mps=True))
-    # What the plugin's MPS daemon would have made: its control pipe and its shared memory.
-    (node.mps_root / "nvidia.com" / "gpu" / "pipe" / "control").write_text("")
-    (node.mps_root / "shm" / "cuda.shm.daemon").write_text("")
-    cp.kubectl(
-        "label", "node", node.name, "--overwrite",
-        *(f"{key}={value}" for key, value in GFD_LABELS.items()),
-    )  # fmt: skip
+    node, cp = mps_node.node, mps_node.control_plane
     gpu_node = parse_node(json.loads(cp.get(f"/api/v1/nodes/{node.name}")[1]))
     assert gpu_node is not None
     assert gpu_node.offers("nvidia.com/gpu") == 2  # from the plugin, through the kubelet
@@ -67,12 +48,12 @@ def test_an_mps_trainer_pod_reaches_the_plugins_daemon_through_the_kubelets_merg
     del pod["metadata"]["ownerReferences"]
     container = pod["spec"]["containers"][0]
     container.update(
-        image=real_node.test_image.ref, imagePullPolicy="Never", command=["/bin/sh", "-c", PROBE]
+        image=mps_node.test_image.ref, imagePullPolicy="Never", command=["/bin/sh", "-c", PROBE]
     )
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     cp.kubectl("create", "-f", "-", input=json.dumps(pod))
 
-    finished = _wait_pod(real_node, ns, pod["metadata"]["name"], timeout=90)
+    finished = _wait_pod(mps_node, ns, pod["metadata"]["name"], timeout=90)
 
     assert finished["status"]["phase"] == "Succeeded", finished["status"]
     assert finished["spec"]["nodeName"] == node.name

@@ -1,0 +1,131 @@
+"""The real operator on the real node: a pod kube-scheduler cannot place shows in the job's
+conditions, in the scheduler's own words, and mends once the GPUs are free.
+
+Another tenant's pod holds both fake GPUs; the operator, which watches only its own pods, sees
+room and creates the job's pod, and the real scheduler then says why it cannot bind it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from tests.controlplane.cluster import ControlPlane
+from tests.fixtures.jobs import a_job
+from tests.fixtures.kube import install_cotrain
+from tests.fixtures.operator_process import OperatorProcess
+from tests.node.conftest import RealNode
+
+pytestmark = pytest.mark.slow
+T = TypeVar("T")
+
+
+def _until(what: str, probe: Callable[[], T | None], timeout: float = 60) -> T:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+def _get(cp: ControlPlane, path: str) -> dict[str, Any]:
+    status, body = cp.get(path)
+    assert status == 200, body
+    return json.loads(body)  # type: ignore[no-any-return]
+
+
+def _hog(name: str, image: str, gpus: int) -> dict[str, Any]:
+    """Someone else's pod (no CoTrain label) that holds GPUs."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 0,
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": 1000,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [
+                {
+                    "name": "main",
+                    "image": image,
+                    "imagePullPolicy": "Never",
+                    "command": ["/bin/sh", "-c", "sleep 600"],
+                    "resources": {"limits": {"nvidia.com/gpu": str(gpus)}},
+                    "securityContext": {
+                        "allowPrivilegeEscalation": False,
+                        "readOnlyRootFilesystem": True,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                }
+            ],
+        },
+    }
+
+
+def test_a_pod_the_scheduler_cannot_place_shows_in_the_jobs_conditions(
+    mps_node: RealNode, tmp_path: Path
+) -> None:
+    cp = mps_node.control_plane
+    install_cotrain(cp)
+    ns = f"e-{uuid.uuid4().hex[:8]}"
+    cp.kubectl("create", "namespace", ns)
+    cp.kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
+    cp.wait_for_service_account(ns)
+    hog = _hog("hog", mps_node.test_image.ref, gpus=2)
+    cp.kubectl("create", "-n", ns, "-f", "-", input=json.dumps(hog))
+    _until(
+        "the other tenant's pod on both GPUs",
+        lambda: _get(cp, f"/api/v1/namespaces/{ns}/pods/hog")["status"].get("phase") == "Running",
+    )
+    kubeconfig = cp.service_account_kubeconfig(
+        "cotrain-system", "cotrain-operator", create=False, duration="1h"
+    )
+    operator = OperatorProcess(kubeconfig, tmp_path / "operator", namespace=ns)
+    operator.start()
+    try:
+        job = a_job("waits").sharing(mode="MPS").build()
+        cp.kubectl("create", "-n", ns, "-f", "-", input=json.dumps(job))
+        path = f"/apis/cotrain.dev/v1alpha1/namespaces/{ns}/cotrainjobs/waits"
+
+        def schedulable() -> dict[str, Any] | None:
+            conditions = _get(cp, path).get("status", {}).get("conditions", [])
+            return next((c for c in conditions if c["type"] == "Schedulable"), None)
+
+        refused = _until(
+            "the scheduler's verdict in the job",
+            lambda: (c := schedulable()) and c["status"] == "False" and c,
+        )
+        assert refused["reason"] == "Unschedulable"
+        assert "pod waits-gpu-0:" in refused["message"]
+        assert "Insufficient nvidia.com/gpu" in refused["message"]
+        status = _get(cp, path)["status"]
+        assert status["phase"] == "Pending"
+        events = json.loads(cp.kubectl("get", "events", "-n", ns, "-o", "json").stdout)["items"]
+        warned = [e for e in events if e["involvedObject"]["name"] == "waits"]
+        assert [e["reason"] for e in warned].count("Unschedulable") == 1
+
+        # The other tenant leaves: the scheduler binds the pod and the condition mends.
+        cp.kubectl("delete", "pod", "hog", "-n", ns, "--wait=true")
+        mended = _until(
+            "the job schedulable again",
+            lambda: (c := schedulable()) and c["status"] == "True" and c,
+            timeout=90,
+        )
+        assert mended["reason"] == "Scheduled"
+        assert f"waits-gpu-0 on {mps_node.node.name}" in mended["message"]
+    finally:
+        operator.stop()
+        cp.kubectl("delete", "namespace", ns, "--wait=false", check=False)
