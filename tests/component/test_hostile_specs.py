@@ -31,14 +31,10 @@ def namespace_prefix() -> str:
 def operator(
     operator_kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(
+    with OperatorProcess(
         operator_kubeconfig, tmp_path_factory.mktemp("hostile-operator"), namespace="h*"
-    )
-    process.start()
-    try:
+    ) as process:
         yield process
-    finally:
-        process.stop()
 
 
 pytestmark = pytest.mark.usefixtures("operator")

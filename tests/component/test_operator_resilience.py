@@ -37,12 +37,8 @@ def proxied_operator(
         "cotrain-system", "cotrain-operator", create=False, duration="2h"
     )
     kubeconfig = write_proxy_kubeconfig(tmp_path / "operator.kubeconfig", proxy, token)
-    process = OperatorProcess(kubeconfig, tmp_path / "logs", namespace=namespace)
-    process.start()
-    try:
+    with OperatorProcess(kubeconfig, tmp_path / "logs", namespace=namespace) as process:
         yield process
-    finally:
-        process.stop()
 
 
 # Fault handling must hold every time, not once by luck: each fault test runs three times.

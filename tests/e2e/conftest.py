@@ -39,12 +39,8 @@ def e2e_operator(
     )
     work = tmp_path_factory.mktemp("e2e-operator")
     kubeconfig = write_proxy_kubeconfig(work / "operator.kubeconfig", proxy, token)
-    process = OperatorProcess(kubeconfig, work, namespace="e*")
-    process.start()
-    try:
+    with OperatorProcess(kubeconfig, work, namespace="e*") as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from tests.fixtures.jobs import a_job
 from tests.fixtures.kube import install_cotrain
 from tests.fixtures.operator_process import OperatorProcess
 from tests.node.conftest import RealNode
+from tests.node.test_real_node import _restricted_pod
 
 pytestmark = pytest.mark.slow
 T = TypeVar("T")
@@ -45,34 +46,12 @@ def _get(cp: ControlPlane, path: str) -> dict[str, Any]:
 
 def _hog(name: str, image: str, gpus: int) -> dict[str, Any]:
     """Someone else's pod (no CoTrain label) that holds GPUs."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name},
-        "spec": {
-            "restartPolicy": "Never",
-            "terminationGracePeriodSeconds": 0,
-            "securityContext": {
-                "runAsNonRoot": True,
-                "runAsUser": 1000,
-                "seccompProfile": {"type": "RuntimeDefault"},
-            },
-            "containers": [
-                {
-                    "name": "main",
-                    "image": image,
-                    "imagePullPolicy": "Never",
-                    "command": ["/bin/sh", "-c", "sleep 600"],
-                    "resources": {"limits": {"nvidia.com/gpu": str(gpus)}},
-                    "securityContext": {
-                        "allowPrivilegeEscalation": False,
-                        "readOnlyRootFilesystem": True,
-                        "capabilities": {"drop": ["ALL"]},
-                    },
-                }
-            ],
-        },
-    }
+    pod = _restricted_pod(name, image)
+    pod["spec"]["terminationGracePeriodSeconds"] = 0
+    container = pod["spec"]["containers"][0]
+    container["command"] = ["/bin/sh", "-c", "sleep 600"]
+    container["resources"] = {"limits": {"nvidia.com/gpu": str(gpus)}}
+    return pod
 
 
 def test_a_pod_the_scheduler_cannot_place_shows_in_the_jobs_conditions(
