@@ -231,3 +231,31 @@ def test_class_6_kopf_bookkeeping_a_user_wrote_is_left_alone(
     )
     assert kube.job(namespace, "booked")["metadata"]["deletionTimestamp"]
     kube.patch_job(namespace, "booked", {"metadata": {"finalizers": None}})
+
+
+def test_class_5_the_largest_job_the_schema_admits_is_created_for_real(
+    kube: Kube, namespace: str, job: Callable[[str], JobBuilder]
+) -> None:
+    """Not a dry-run: a 2 MB spec passed one and failed the real create with a 500 (etcd's
+    request limit). Now every member's text is bounded, and the largest job is stored."""
+    builder = job("j" * 40).sharing(mode="Exclusive").placement(strategy="PodPerMember")
+    builder.with_members(8)
+    for index in range(8):
+        builder.member(
+            index,
+            image="r" * 512,
+            command=["python"] + ["c" * 4096] * 3,
+            args=["a" * 4096] * 4 + ["a" * (32768 - 6 - 7 * 4096 - 128 * 2)],
+            env=[{"name": f"E{i}" + "n" * 125, "value": ""} for i in range(2)],
+            steps=None,
+            epochs=None,
+        )
+    document = builder.build()
+    for member in document["spec"]["members"]:
+        member.pop("steps", None)
+        member.pop("epochs", None)
+    size = len(json.dumps(document))
+    assert size > 260_000  # the members' text is at its bound
+    created = kube.create_job(namespace, document)
+    assert created["metadata"]["uid"]
+    print(f"\nlargest job stored: {size} bytes of JSON")
