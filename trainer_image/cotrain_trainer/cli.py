@@ -261,6 +261,7 @@ def run_job(path: str, out_dir: str | None, progress: bool = True) -> int:
 def supervise(work_dir: str | None, status_file: str | None) -> int:
     """`cotrain supervise`: the trainer pod. Runs the members of $COTRAIN_POD_PLAN and reports
     to the job's status (COTRAIN_REPORT=kubernetes, the default) or locally."""
+    from cotrain_trainer.console import PodLogLines
     from cotrain_trainer.gpu import open_telemetry
     from cotrain_trainer.reporter import (
         KubernetesSink,
@@ -270,7 +271,7 @@ def supervise(work_dir: str | None, status_file: str | None) -> int:
         StatusReporter,
         report_interval,
     )
-    from cotrain_trainer.supervisor import Supervisor, stop_on_signals
+    from cotrain_trainer.supervisor import Listener, Supervisor, stop_on_signals
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -310,7 +311,8 @@ def supervise(work_dir: str | None, status_file: str | None) -> int:
     reporter = StatusReporter(sink, report_interval())
     telemetry = open_telemetry()
     try:
-        supervisor = Supervisor(plan, work, [reporter], telemetry, echo=sys.stdout)
+        listeners: list[Listener] = [reporter, PodLogLines(sys.stdout)]
+        supervisor = Supervisor(plan, work, listeners, telemetry, echo=sys.stdout)
         with stop_on_signals(supervisor):
             result = supervisor.run()
     except ValueError as error:

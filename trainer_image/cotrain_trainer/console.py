@@ -1,14 +1,16 @@
 """What `cotrain run` shows on the terminal: live progress per member and the closing summary.
 
-Owns two supervisor listeners (`ProgressView`: a rich progress bar per member; `LineView`: one
-line per phase change, for `--no-progress` and pipes) and the summary table. Reads only
-`MemberStatus`; imports no framework.
+Owns three supervisor listeners (`ProgressView`: a rich progress bar per member; `LineView`: one
+line per phase change, for `--no-progress` and pipes; `PodLogLines`: plain lines for a trainer
+pod's log, which `kubectl logs` shows) and the summary table. Reads only `MemberStatus`; imports
+no framework.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from types import TracebackType
+from typing import TextIO
 
 from rich import box
 from rich.console import Console
@@ -105,6 +107,42 @@ class LineView:
         self.phases[name] = status.phase
         detail = f" ({status.reason}: {status.message})" if status.message else ""
         self.console.print(f"{name}: {_phase(status)}{detail}", highlight=False)
+
+    def tick(self) -> None:
+        return None
+
+
+class PodLogLines:
+    """Lines for a trainer pod's log, prefixed ``[member]`` as the members' own output is: each
+    phase change, and each tenth of the steps with the loss and throughput, so that
+    ``kubectl logs`` tells how every member is doing without the job's status."""
+
+    TENTHS = 10
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.phases: dict[str, MemberPhase | None] = {}
+        self.tenths: dict[str, int] = {}
+
+    def member_changed(self, name: str, status: MemberStatus, *, final: bool = False) -> None:
+        lines = []
+        if status.total_steps and status.step is not None:
+            tenth = min(self.TENTHS, status.step * self.TENTHS // status.total_steps)
+            if tenth > self.tenths.get(name, 0):
+                self.tenths[name] = tenth
+                lines.append(
+                    f"step {status.step}/{status.total_steps} loss {_loss(status.loss)} "
+                    f"samples/s {_rate(status.samples_per_second)}"
+                )
+        if self.phases.get(name) != status.phase or final:
+            self.phases[name] = status.phase
+            phase = (status.phase or MemberPhase.PENDING).value
+            detail = f" ({status.reason}: {status.message})" if status.message else ""
+            lines.append(f"{phase}{detail}")
+        for line in lines:
+            self.out.write(f"[{name}] {line}\n")
+        if lines:
+            self.out.flush()
 
     def tick(self) -> None:
         return None
