@@ -21,6 +21,7 @@ import atexit
 import contextlib
 import ctypes
 import datetime
+import ipaddress
 import json
 import os
 import secrets
@@ -149,9 +150,7 @@ def _write_private(path: Path, data: str | bytes) -> None:
 # certificates
 
 
-def _gen_certs_cryptography(d: Path) -> None:
-    import ipaddress
-
+def _gen_certs_cryptography(d: Path, extra_ips: Sequence[str]) -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -204,6 +203,7 @@ def _gen_certs_cryptography(d: Path) -> None:
         x509.DNSName("kubernetes.default.svc.cluster.local"),
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
         x509.IPAddress(ipaddress.ip_address("10.0.0.1")),
+        *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in extra_ips),
     ]
     cert = (
         x509.CertificateBuilder()
@@ -237,7 +237,7 @@ def _gen_certs_cryptography(d: Path) -> None:
     )
 
 
-def _gen_certs_openssl(d: Path) -> None:
+def _gen_certs_openssl(d: Path, extra_ips: Sequence[str]) -> None:
     openssl = shutil.which("openssl")
     if not openssl:
         raise ControlPlaneError(
@@ -282,7 +282,7 @@ def _gen_certs_openssl(d: Path) -> None:
         "extendedKeyUsage=serverAuth\n"
         "subjectAltName=DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
         "DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,"
-        "IP:127.0.0.1,IP:10.0.0.1\n"
+        "IP:127.0.0.1,IP:10.0.0.1" + "".join(f",IP:{ip}" for ip in extra_ips) + "\n"
     )
     run(
         "x509",
@@ -308,15 +308,16 @@ def _gen_certs_openssl(d: Path) -> None:
         (d / f).chmod(0o600)
 
 
-def generate_pki(d: Path) -> None:
-    """Write ca.crt/.key, apiserver.crt/.key (127.0.0.1, localhost) and sa.key/.pub into d."""
+def generate_pki(d: Path, extra_ips: Sequence[str] = ()) -> None:
+    """Write ca.crt/.key, apiserver.crt/.key (127.0.0.1, localhost, the "kubernetes" Service's
+    IP and ``extra_ips``) and sa.key/.pub into d."""
     d.mkdir(parents=True, exist_ok=True)
     try:
         import cryptography  # noqa: F401
     except ImportError:
-        _gen_certs_openssl(d)
+        _gen_certs_openssl(d, extra_ips)
     else:
-        _gen_certs_cryptography(d)
+        _gen_certs_cryptography(d, extra_ips)
 
 
 # --------------------------------------------------------------------------
@@ -702,6 +703,7 @@ def start_control_plane(
     kcm_controllers: Sequence[str] = KCM_CONTROLLERS,
     disable_admission_plugins: Sequence[str] | None = None,
     extra_apiserver_args: Sequence[str] = (),
+    address: str = "127.0.0.1",
     timeout: float = 60.0,
     verbosity: int = 1,
 ) -> ControlPlane:
@@ -711,6 +713,9 @@ def start_control_plane(
     disable_admission_plugins: None = ServiceAccount is disabled only when the
       controller-manager (which creates each namespace's "default"
       ServiceAccount) does not run.
+    address: where the API server serves and what it advertises. Loopback for
+      clients on this host only; a node's bridge address (which must exist) for
+      pods too, and then the "kubernetes" Service's endpoints point at it.
     """
     workdir = Path(workdir).resolve()
     bin_dir = Path(bin_dir).resolve()
@@ -724,7 +729,8 @@ def start_control_plane(
         disable_admission_plugins = () if controller_manager else ("ServiceAccount",)
 
     pki = workdir / "pki"
-    generate_pki(pki)
+    loopback = ipaddress.ip_address(address).is_loopback
+    generate_pki(pki, () if loopback else (address,))
     token = secrets.token_hex(24)
     kcm_token = secrets.token_hex(24)
     (pki / "tokens.csv").write_text(
@@ -785,15 +791,12 @@ def start_control_plane(
         api_log = workdir / "kube-apiserver.log"
         for attempt in range(3):
             port = free_port()
-            server = f"https://127.0.0.1:{port}"
+            server = f"https://{address}:{port}"
             args = [
                 str(bin_dir / "kube-apiserver"),
                 f"--etcd-servers={etcd_url}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                # The lease endpoint reconciler refuses a loopback address for the
-                # "kubernetes" Service endpoints; nothing here needs them.
-                "--endpoint-reconciler-type=none",
+                f"--bind-address={address}",
+                f"--advertise-address={address}",
                 f"--secure-port={port}",
                 f"--cert-dir={workdir / 'apiserver-certs'}",
                 f"--tls-cert-file={pki / 'apiserver.crt'}",
@@ -809,6 +812,10 @@ def start_control_plane(
                 "--profiling=false",
                 f"--v={verbosity}",
             ]
+            if loopback:
+                # The lease endpoint reconciler refuses a loopback address for the
+                # "kubernetes" Service endpoints; no pod here needs them.
+                args.append("--endpoint-reconciler-type=none")
             if disable_admission_plugins:
                 args.append(f"--disable-admission-plugins={','.join(disable_admission_plugins)}")
             args += list(extra_apiserver_args)

@@ -38,9 +38,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from tests.controlplane.cluster import (
     KCM_CONTROLLERS,
+    SERVICE_CLUSTER_IP_RANGE,
     ControlPlane,
     ControlPlaneError,
     _Proc,
@@ -77,9 +79,13 @@ CONTAINERD = Path("/usr/bin/containerd")
 CTR = Path("/usr/bin/ctr")
 RUNC = Path("/usr/sbin/runc")
 CNI_BIN_DIR = Path("/usr/lib/cni")
+IPTABLES = Path("/usr/sbin/iptables")
+# The nat chain that plays kube-proxy for the one Service IP pods use (node.py's only rules).
+SERVICE_CHAIN = "COTRAIN-SERVICES"
 # The kubelet serves its device-plugin registration here whatever its --root-dir says
 # (deviceplugin/v1beta1.DevicePluginPath): one node at a time per host.
 DEVICE_PLUGIN_DIR = Path("/var/lib/kubelet/device-plugins")
+_PLUGIN_PREFIX = "fake-gpu-plugin-"  # its processes' names, one per resource
 # Unix sockets carry at most 107 bytes of path.
 _MAX_SOCKET_PATH = 100
 
@@ -95,7 +101,7 @@ class NodeError(ControlPlaneError):
 def missing_prerequisites() -> list[str]:
     """What this host lacks to run a node (empty when it can)."""
     missing = [] if os.geteuid() == 0 else ["root (bridges, mounts, cgroups)"]
-    needed = (CONTAINERD, CTR, RUNC, CNI_BIN_DIR / "bridge", CNI_BIN_DIR / "host-local")
+    needed = (CONTAINERD, CTR, RUNC, IPTABLES, CNI_BIN_DIR / "bridge", CNI_BIN_DIR / "host-local")
     missing += [str(p) for p in needed if not os.access(p, os.X_OK)]
     if not shutil.which("ip"):
         missing.append("ip (iproute2)")
@@ -193,6 +199,7 @@ class NodePKI:
     ca: Path  # signs the two below; the kubelet trusts it for clients, the API server for kubelets
     kubelet_serving: tuple[Path, Path]
     apiserver_client: tuple[Path, Path]
+    pod_subnet: str  # the node IP is its first address
 
     @classmethod
     def create(cls, d: Path, node_name: str = NODE_NAME, pod_subnet: str = POD_SUBNET) -> NodePKI:
@@ -203,7 +210,7 @@ class NodePKI:
             d, "kubelet", ca, f"/CN={node_name}", server_sans=[f"IP:{node_ip}", f"DNS:{node_name}"]
         )
         client = _issue(d, "apiserver-kubelet-client", ca, f"/CN={APISERVER_KUBELET_CLIENT}")
-        return cls(d, node_name, node_ip, ca[0], serving, client)
+        return cls(d, node_name, node_ip, ca[0], serving, client, pod_subnet)
 
     def apiserver_args(self) -> list[str]:
         return [
@@ -220,9 +227,16 @@ def node_ip_for(pod_subnet: str) -> str:
     return str(next(ipaddress.ip_network(pod_subnet).hosts()))
 
 
-def node_control_plane_args(pki: NodePKI) -> dict[str, Any]:
-    """Keyword arguments for cluster.start_control_plane so that a Node can join it."""
-    return {"kcm_controllers": NODE_KCM_CONTROLLERS, "extra_apiserver_args": pki.apiserver_args()}
+def node_control_plane_args(pki: NodePKI, bridge: str = BRIDGE) -> dict[str, Any]:
+    """Keyword arguments for cluster.start_control_plane so that a Node can join it, and its
+    pods reach it: the API server serves on the node IP, so this makes the node's bridge (the
+    one Node.start then uses) first."""
+    _ensure_bridge(bridge, f"{pki.node_ip}/{ipaddress.ip_network(pki.pod_subnet).prefixlen}")
+    return {
+        "kcm_controllers": NODE_KCM_CONTROLLERS,
+        "extra_apiserver_args": pki.apiserver_args(),
+        "address": pki.node_ip,
+    }
 
 
 # --------------------------------------------------------------------------
@@ -240,12 +254,28 @@ def _link_exists(name: str) -> bool:
     return Path("/sys/class/net", name).exists()
 
 
-def _create_bridge(name: str, cidr: str) -> None:
-    if _link_exists(name):  # left by an aborted run: it is ours by name
-        _run("ip", "link", "del", name)
-    _run("ip", "link", "add", name, "type", "bridge")
+def _ensure_bridge(name: str, cidr: str) -> None:
+    """The node's bridge holding ``cidr``; one left by an aborted run is ours by name."""
+    if not _link_exists(name):
+        _run("ip", "link", "add", name, "type", "bridge")
+    _run("ip", "addr", "flush", "dev", name)
     _run("ip", "addr", "add", cidr, "dev", name)
     _run("ip", "link", "set", name, "up")
+
+
+def _iptables(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return _run(str(IPTABLES), "-w", "-t", "nat", *args, check=check)
+
+
+def _clear_service_routes() -> None:
+    """Remove SERVICE_CHAIN and the jump to it; left by an aborted run, they are ours by name."""
+    listed = _iptables("-S", "PREROUTING", check=False).stdout.splitlines()
+    for rule in listed:
+        if rule.endswith(f"-j {SERVICE_CHAIN}"):
+            _iptables("-D", *rule.split()[1:], check=False)
+    if _iptables("-L", SERVICE_CHAIN, "-n", check=False).returncode == 0:
+        _iptables("-F", SERVICE_CHAIN)
+        _iptables("-X", SERVICE_CHAIN)
 
 
 def _mounts_under(root: Path) -> list[str]:
@@ -294,6 +324,7 @@ class Node:
     _procs: list[_Proc] = field(default_factory=list, repr=False)
     _stopped: bool = field(default=False, repr=False)
     _gpu_plugins: dict[str, FakeGpus] = field(default_factory=dict, repr=False)
+    _gpu_labels: dict[str, str] = field(default_factory=dict, repr=False)
 
     # ---- start -----------------------------------------------------------
 
@@ -307,7 +338,6 @@ class Node:
         *,
         images: Iterable[LocalImage] = (),
         bridge: str = BRIDGE,
-        pod_subnet: str = POD_SUBNET,
         timeout: float = 120.0,
         verbosity: int = 2,
     ) -> Node:
@@ -324,7 +354,7 @@ class Node:
         node = cls(cp, pki.node_name, pki.node_ip, bridge, workdir, bin_dir.resolve(), socket)
         _LIVE.append(node)
         try:
-            node._start(pki, list(images), pod_subnet, timeout, verbosity)
+            node._start(pki, list(images), timeout, verbosity)
         except BaseException:
             node.stop()
             raise
@@ -334,13 +364,14 @@ class Node:
         self,
         pki: NodePKI,
         images: list[LocalImage],
-        pod_subnet: str,
         timeout: float,
         verbosity: int,
     ) -> None:
         t_all = time.monotonic()
+        pod_subnet = pki.pod_subnet
         prefix = ipaddress.ip_network(pod_subnet).prefixlen
-        _create_bridge(self.bridge, f"{self.ip}/{prefix}")
+        _ensure_bridge(self.bridge, f"{self.ip}/{prefix}")
+        self._route_services()
         pause = pause_image(self.bin_dir)
         self._start_containerd(pause, pod_subnet)
         t0 = time.monotonic()
@@ -351,6 +382,34 @@ class Node:
         self._start_scheduler(scheduler_kubeconfig, timeout)
         self._start_kubelet(pki, kubelet_kubeconfig, timeout, verbosity)
         self.startup_seconds["total"] = time.monotonic() - t_all
+
+    def _route_services(self, timeout: float = 30.0) -> None:
+        """What kube-proxy would do for the one Service IP pods here use: the "kubernetes"
+        Service's ClusterIP:443 (in-cluster config's KUBERNETES_SERVICE_HOST) is DNATed, for
+        packets from the bridge only, to the API server on the node IP. Headless Services need
+        no proxy; no other Service is routed."""
+        api = urlparse(self.control_plane.server)
+        if api.hostname != self.ip:
+            raise NodeError(
+                f"the API server serves on {api.hostname}, pods reach only the node IP {self.ip}: "
+                "start the control plane with node_control_plane_args(pki)"
+            )
+
+        def service() -> tuple[bool, str]:
+            status, body = self.control_plane.get("/api/v1/namespaces/default/services/kubernetes")
+            return status == 200, body
+
+        api_log = self.control_plane.workdir / "kube-apiserver.log"
+        _wait("the kubernetes Service", service, [], api_log, timeout)
+        svc = json.loads(service()[1])
+        port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "https")
+        _clear_service_routes()
+        _iptables("-N", SERVICE_CHAIN)
+        _iptables("-A", "PREROUTING", "-i", self.bridge, "-j", SERVICE_CHAIN)
+        _iptables(
+            "-A", SERVICE_CHAIN, "-d", f"{svc['spec']['clusterIP']}/32", "-p", "tcp",
+            "--dport", str(port), "-j", "DNAT", "--to-destination", f"{self.ip}:{api.port}",
+        )  # fmt: skip
 
     def _start_containerd(self, pause: LocalImage, pod_subnet: str) -> None:
         d = self.workdir / "containerd"
@@ -442,8 +501,10 @@ disabled_plugins = [
                     "hairpinMode": True,
                     "ipam": {
                         "type": "host-local",
-                        # No "routes": pods get only their on-link /24, no default route.
+                        # Pods get their on-link /24 and a route to the Service range through
+                        # the node; no default route, nothing else leaves the bridge.
                         "ranges": [[{"subnet": pod_subnet, "rangeStart": _nth(pod_subnet, 10)}]],
+                        "routes": [{"dst": SERVICE_CLUSTER_IP_RANGE, "gw": self.ip}],
                         "dataDir": str(self.workdir / "cni" / "ipam"),
                     },
                 }
@@ -607,18 +668,31 @@ disabled_plugins = [
 
     # ---- GPUs --------------------------------------------------------------
 
-    def start_gpu_plugin(self, gpus: FakeGpus, timeout: float = 30.0) -> None:
+    def use_gpus(self, gpus: FakeGpus, labels: dict[str, str], timeout: float = 30.0) -> None:
+        """Make the node a GPU node of one kind: ``gpus`` advertised by fake-gpu-plugin and
+        ``labels`` (what GPU Feature Discovery would label it with) on the Node. Whatever GPUs
+        and labels it had before are replaced; the same kind again is a no-op. Pods still
+        holding the old devices keep them until they end, as on a node whose plugin changed."""
+        if self._gpu_plugins == {gpus.resource: gpus} and self._gpu_labels == labels:
+            return
+        for proc in [p for p in self._procs if p.name.startswith(_PLUGIN_PREFIX)]:
+            proc.stop(10)
+            self._procs.remove(proc)
+        self._gpu_plugins.clear()
+        stale = [f"{key}-" for key in self._gpu_labels if key not in labels]
+        self._gpu_labels = {}
+        new = [f"{key}={value}" for key, value in labels.items()]
+        self.control_plane.kubectl("label", "node", self.name, "--overwrite", *stale, *new)
+        self._gpu_labels = dict(labels)
+        self._start_gpu_plugin(gpus, timeout)
+
+    def _start_gpu_plugin(self, gpus: FakeGpus, timeout: float) -> None:
         """Start fake-gpu-plugin (build.sh's stand-in for NVIDIA's device plugin) and wait until
         the Node's allocatable shows its devices: registered through the kubelet's own
         device-plugin gRPC API, so the kubelet allocates them and merges the plugin's env and
         mounts into each container that asks."""
-        running = self._gpu_plugins.get(gpus.resource)
-        if running is not None:
-            if running != gpus:
-                raise NodeError(f"{gpus.resource} is already advertised as {running}")
-            return
         self._gpu_plugins[gpus.resource] = gpus
-        name = "fake-gpu-plugin-" + gpus.resource.replace("/", "-")
+        name = _PLUGIN_PREFIX + gpus.resource.replace("/", "-")
         argv = [
             str(self.bin_dir / "fake-gpu-plugin"),
             f"-plugin-dir={DEVICE_PLUGIN_DIR}",
@@ -667,8 +741,20 @@ disabled_plugins = [
             check=check,
         )
 
-    def import_image(self, image: LocalImage) -> None:
-        self.ctr("images", "import", str(image.archive))
+    def import_image(self, image: LocalImage, timeout: float = 600) -> float:
+        """Import ``image`` into the node's containerd (unpacked for the CRI); return the
+        seconds it took: a few GiB, as the trainer image is, take a minute or more."""
+        t0 = time.monotonic()
+        _run(
+            str(CTR),
+            f"--address={self.containerd_socket}",
+            "--namespace=k8s.io",
+            "images",
+            "import",
+            str(image.archive),
+            timeout=timeout,
+        )
+        return time.monotonic() - t0
 
     # ---- stop ------------------------------------------------------------
 
@@ -696,6 +782,8 @@ disabled_plugins = [
         # (a shared mount, for mount propagation) and the volumes (tmpfs for projected tokens)
         # of pods that were still running. Nothing else uses them now.
         _unmount_all(self.workdir)
+        with contextlib.suppress(NodeError):
+            _clear_service_routes()
         if _link_exists(self.bridge):
             _run("ip", "link", "del", self.bridge, check=False)
         with contextlib.suppress(Exception):
