@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Prepare this host to run the test node (node.py): install Debian's containerd,
-# runc, CNI plugins and static busybox (the test image's only program). The
+# runc, CNI plugins, iptables (the kubernetes Service's one DNAT rule), static
+# busybox (the test image's only program), and buildah and mmdebstrap, which build
+# the project's own images (project_images.py). The
 # kubelet, kube-scheduler and the node's helpers are built by build.sh with the
 # control plane. Idempotent: installed packages are left as they are. Needs root
 # to install anything.
@@ -11,7 +13,8 @@ log() { echo "controlplane/node-setup.sh: $*" >&2; }
 # containerd 1.6 and runc 1.1 on Debian 12; crun is no alternative (it refuses
 # this host's hybrid cgroup v1 hierarchy). iproute2 makes the node's bridge,
 # openssl its certificates.
-packages=(containerd runc containernetworking-plugins busybox-static iproute2 openssl)
+packages=(containerd runc containernetworking-plugins busybox-static iproute2 iptables openssl
+  buildah mmdebstrap)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

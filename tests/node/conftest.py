@@ -25,6 +25,7 @@ from tests.controlplane.node import (
     missing_prerequisites,
     node_control_plane_args,
 )
+from tests.controlplane.project_images import ImageMissingError, project_image
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,18 @@ def real_node(
         cp.stop()
 
 
+@pytest.fixture(scope="session")
+def trainer_image(real_node: RealNode) -> LocalImage:
+    """The trainer image built from trainer_image/Dockerfile by setup, imported into the node."""
+    try:
+        image = project_image("trainer")
+    except ImageMissingError as e:
+        pytest.fail(str(e))
+    seconds = real_node.node.import_image(image)
+    print(f"\ntrainer image {image.ref} imported in {seconds:.0f} s")
+    return image
+
+
 # What GPU Feature Discovery would label an MPS node with (it stays a label: no GFD runs here).
 GFD_MPS_LABELS = {
     "nvidia.com/gpu.present": "true",
@@ -79,16 +92,31 @@ GFD_MPS_LABELS = {
     "nvidia.com/mig.strategy": "none",
 }
 MPS_GPUS = FakeGpus("nvidia.com/gpu", devices=2, mps=True)
+# One A100 80GB time-sliced four ways, as NVIDIA's plugin advertises it (renameByDefault off):
+# a 20Gi replica holds the mixed example's two 6Gi members.
+GFD_TIME_SLICING_LABELS = {
+    **GFD_MPS_LABELS,
+    "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB",
+    "nvidia.com/gpu.memory": "81920",
+    "nvidia.com/gpu.sharing-strategy": "time-slicing",
+    "nvidia.com/gpu.replicas": "4",
+}
+TIME_SLICING_GPUS = FakeGpus("nvidia.com/gpu", devices=4)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def mps_node(real_node: RealNode) -> RealNode:
     """The real node with two fake MPS replicas from fake-gpu-plugin and GFD's labels."""
-    node, cp = real_node.node, real_node.control_plane
-    node.start_gpu_plugin(MPS_GPUS)
+    node = real_node.node
+    node.use_gpus(MPS_GPUS, GFD_MPS_LABELS)
     # What the plugin's MPS daemon would have made: its control pipe and its shared memory.
     (node.mps_root / "nvidia.com" / "gpu" / "pipe" / "control").write_text("")
     (node.mps_root / "shm" / "cuda.shm.daemon").write_text("")
-    labels = [f"{key}={value}" for key, value in GFD_MPS_LABELS.items()]
-    cp.kubectl("label", "node", node.name, "--overwrite", *labels)
+    return real_node
+
+
+@pytest.fixture
+def time_slicing_node(real_node: RealNode) -> RealNode:
+    """The real node as one GPU time-sliced four ways."""
+    real_node.node.use_gpus(TIME_SLICING_GPUS, GFD_TIME_SLICING_LABELS)
     return real_node

@@ -1,0 +1,182 @@
+"""The trainer image built from trainer_image/Dockerfile, run by the real kubelet under Pod
+Security restricted: uid 1000 on a read-only root filesystem with /tmp its only writable place,
+the in-cluster API reached through the "kubernetes" Service, and the mixed example trained to
+Succeeded by real PyTorch and TensorFlow with the operator's own pods.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+
+from tests.controlplane.cluster import ControlPlane
+from tests.controlplane.images import LocalImage
+from tests.fixtures.kube import install_cotrain
+from tests.fixtures.operator_process import OperatorProcess
+from tests.node.conftest import RealNode
+from tests.node.test_real_node import _restricted_pod
+
+pytestmark = pytest.mark.slow
+T = TypeVar("T")
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+# What a framework, matplotlib and a user's program write, run in the image as the pod runs it.
+PROBE = """
+import json, os, pathlib, urllib.request
+out = {"uid": os.getuid(), "gid": os.getgid(), "home": os.environ["HOME"]}
+try:
+    open("/opt/venv/written-by-the-pod", "w")
+    out["root_writable"] = True
+except OSError:
+    out["root_writable"] = False
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+plt.plot([1, 2], [3, 4])
+plt.savefig("/tmp/plot.png")
+import torch
+import tensorflow as tf
+x = torch.ones(2, requires_grad=True)
+(x * x).sum().backward()
+out["torch"] = torch.__version__
+out["grad"] = x.grad.tolist()
+out["tf"] = tf.__version__
+out["tf_sum"] = float(tf.reduce_sum(tf.ones([3])))
+pathlib.Path(os.path.expanduser("~/.cache/a-users-dataset")).mkdir(parents=True)
+from kubernetes import client, config
+config.load_incluster_config()
+out["api"] = client.VersionApi().get_code().git_version
+out["tmp"] = sorted(os.listdir("/tmp"))
+print("PROBE " + json.dumps(out), flush=True)
+"""
+
+
+def _until(what: str, probe: Callable[[], T | None], timeout: float) -> T:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+def _get(cp: ControlPlane, path: str) -> dict[str, Any]:
+    status, body = cp.get(path)
+    assert status == 200, body
+    return json.loads(body)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def restricted_namespace(real_node: RealNode) -> Iterator[str]:
+    cp = real_node.control_plane
+    ns = f"t-{uuid.uuid4().hex[:8]}"
+    cp.kubectl("create", "namespace", ns)
+    cp.kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
+    cp.wait_for_service_account(ns)
+    try:
+        yield ns
+    finally:
+        cp.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def _events(cp: ControlPlane, ns: str) -> str:
+    return cp.kubectl("get", "events", "-n", ns, "-o", "wide", check=False).stdout
+
+
+def test_the_trainer_image_runs_as_uid_1000_on_a_read_only_root_and_reaches_the_api(
+    real_node: RealNode, trainer_image: LocalImage, restricted_namespace: str
+) -> None:
+    cp, ns = real_node.control_plane, restricted_namespace
+    pod = _restricted_pod("probe", trainer_image.ref)
+    container = pod["spec"]["containers"][0]
+    container["command"] = ["python", "-c", PROBE]
+    container["volumeMounts"] = [{"name": "tmp", "mountPath": "/tmp"}]
+    pod["spec"]["volumes"] = [{"name": "tmp", "emptyDir": {}}]
+    cp.kubectl("create", "-n", ns, "-f", "-", input=json.dumps(pod))
+    path = f"/api/v1/namespaces/{ns}/pods/probe"
+    done = _until(
+        "the probe pod to finish",
+        lambda: (p := _get(cp, path))["status"].get("phase") in ("Succeeded", "Failed") and p,
+        timeout=240,
+    )
+    logs = cp.kubectl("logs", "-n", ns, "probe", check=False).stdout
+    assert done["status"]["phase"] == "Succeeded", (logs, _events(cp, ns))
+    line = next(x for x in logs.splitlines() if x.startswith("PROBE "))
+    seen = json.loads(line.removeprefix("PROBE "))
+    assert (seen["uid"], seen["gid"]) == (1000, 1000)
+    assert seen["root_writable"] is False
+    assert seen["home"] == "/tmp"
+    assert seen["torch"].startswith("2.13.0")
+    assert seen["tf"] == "2.21.0"
+    assert seen["grad"] == [2.0, 2.0]
+    assert seen["tf_sum"] == 3.0
+    server = json.loads(cp.kubectl("version", "-o", "json").stdout)["serverVersion"]
+    assert seen["api"] == server["gitVersion"]
+    # Every cache went to /tmp: matplotlib's, the user's ~/.cache and the plot itself.
+    assert {"matplotlib", ".cache", "plot.png"} <= set(seen["tmp"])
+
+
+def test_the_mixed_example_trains_to_success_in_the_trainer_image(
+    time_slicing_node: RealNode,
+    trainer_image: LocalImage,
+    restricted_namespace: str,
+    tmp_path: Path,
+) -> None:
+    cp, ns = time_slicing_node.control_plane, restricted_namespace
+    install_cotrain(cp)
+    kubeconfig = cp.service_account_kubeconfig(
+        "cotrain-system", "cotrain-operator", create=False, duration="1h"
+    )
+
+    def finished_pods() -> list[dict[str, Any]] | None:
+        items: list[dict[str, Any]] = _get(cp, f"/api/v1/namespaces/{ns}/pods")["items"]
+        return items if all(p["status"].get("phase") == "Succeeded" for p in items) else None
+
+    with OperatorProcess(kubeconfig, tmp_path, namespace=ns, trainer_image=trainer_image.ref):
+        example = EXAMPLES / "mixed-same-gpu.yaml"
+        cp.kubectl("apply", "-n", ns, "-f", str(example))
+        name = yaml.safe_load(example.read_text())["metadata"]["name"]
+        waited = cp.kubectl(
+            "wait", "-n", ns, "--for=condition=Succeeded", "--timeout=300s", f"ctj/{name}",
+            check=False,
+        )  # fmt: skip
+        job = _get(cp, f"/apis/cotrain.dev/v1alpha1/namespaces/{ns}/cotrainjobs/{name}")
+        assert waited.returncode == 0, (job.get("status"), _events(cp, ns))
+        # The trainer reports the last step, then exits: the kubelet's word on the pod follows.
+        pods = _until("the trainer pod to exit", finished_pods, timeout=60)
+    status = job["status"]
+    assert status["phase"] == "Succeeded"
+    for member in ("torch-mlp", "tf-mlp"):
+        reported = status["members"][member]
+        assert reported["phase"] == "Succeeded", reported
+        assert reported["step"] == reported["totalSteps"] == 300, reported
+        assert reported["loss"] < reported["firstLoss"], reported
+        assert reported["samplesPerSecond"] > 0, reported
+    # One pod, placed by kube-scheduler on the node, run by the kubelet to Succeeded.
+    assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
+    pod = pods[0]
+    assert pod["spec"]["nodeName"] == time_slicing_node.node.name
+    assert pod["status"]["phase"] == "Succeeded"
+    assert pod["spec"]["containers"][0]["image"] == trainer_image.ref
+    scheduled = next(c for c in pod["status"]["conditions"] if c["type"] == "PodScheduled")
+    assert scheduled["status"] == "True"
+    # kubectl logs, through the kubelet, shows each member's own lines.
+    logs = cp.kubectl("logs", "-n", ns, pod["metadata"]["name"]).stdout
+    for member in ("torch-mlp", "tf-mlp"):
+        assert f"[{member}]" in logs, logs[-3000:]
+    # kubectl get cotrainjobs: every printer column filled.
+    table = cp.kubectl("get", "cotrainjobs", "-n", ns, name).stdout.splitlines()
+    header, row = table[0].split(), table[1].split()
+    assert len(row) == len(header), table
+    assert "<none>" not in row, table
+    assert row[0] == name, table
+    assert "Succeeded" in row, table
