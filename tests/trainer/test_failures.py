@@ -181,6 +181,21 @@ def test_oom_kill_count_reads_cgroup_v2_memory_events(tmp_path: Path) -> None:
     assert oom_kill_count(tmp_path / "absent") is None
 
 
+def test_oom_kill_count_reads_cgroup_v1_oom_control_where_there_is_no_v2(tmp_path: Path) -> None:
+    v1 = tmp_path / "memory.oom_control"
+    v1.write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n")
+    assert oom_kill_count(tmp_path / "no-v2-here", v1) == 3
+    # v2 first where both are (a hybrid host's unified hierarchy holds no memory controller, so
+    # its memory.events is absent; a v2 host has no memory/ directory).
+    v2 = tmp_path / "memory.events"
+    v2.write_text("oom 1\noom_kill 1\n")
+    assert oom_kill_count(v2, v1) == 1
+    # A kernel before 4.13 has oom_control without the counter: unknown, not zero.
+    old = tmp_path / "old.oom_control"
+    old.write_text("oom_kill_disable 0\nunder_oom 0\n")
+    assert oom_kill_count(old) is None
+
+
 SIMULATED_CUDA_OOM = """
 import torch
 from cotrain_trainer import report

@@ -66,8 +66,13 @@ MESSAGE_LIMIT = 4096
 # its backoff: a pod failure, so the operator recreates the member's pods together (any non-zero
 # code other than EXIT_MEMBERS_FAILED is one).
 EXIT_POD_RETRY = 1
-# cgroup v2 counts the kernel's OOM kills of the container here; cgroup v1 has no such counter.
-CGROUP_MEMORY_EVENTS = Path("/sys/fs/cgroup/memory.events")
+# Where the kernel counts its OOM kills in the container's memory cgroup, as an `oom_kill N`
+# line: memory.events on cgroup v2, memory.oom_control on cgroup v1 (Linux 4.13 and later; many
+# GPU nodes still run v1, and the test node does).
+CGROUP_OOM_COUNTERS = (
+    Path("/sys/fs/cgroup/memory.events"),
+    Path("/sys/fs/cgroup/memory/memory.oom_control"),
+)
 # glog lines (TensorFlow, absl) that say nothing about why a program ended.
 _LOG_NOISE = re.compile(r"^([IWEF]\d{4} \d\d:\d\d:\d\d|WARNING: All log messages before absl)")
 # A GPU out-of-memory line counts for the exit only among a run's last lines of output: an OOM
@@ -187,15 +192,17 @@ def job_succeeded(policy: SuccessPolicy, phases: Sequence[MemberPhase | None]) -
     return all(phase == MemberPhase.SUCCEEDED for phase in phases)
 
 
-def oom_kill_count(path: Path = CGROUP_MEMORY_EVENTS) -> int | None:
-    """The kernel's OOM-kill count of this cgroup (v2), or None where it cannot be read."""
-    try:
-        for line in path.read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill":
-                return int(value)
-    except (OSError, ValueError):
-        return None
+def oom_kill_count(*paths: Path) -> int | None:
+    """The kernel's OOM-kill count of this container's memory cgroup (v2 or v1: the first of
+    ``paths``, CGROUP_OOM_COUNTERS by default, that has one), or None where none can be read."""
+    for path in paths or CGROUP_OOM_COUNTERS:
+        try:
+            for line in path.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            continue
     return None
 
 
