@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the test control plane binaries (etcd, kube-apiserver,
-# kube-controller-manager, kubectl) from the Go module proxy into a cache dir
+# kube-controller-manager, kubectl; the node's kube-scheduler, kubelet and
+# helpers; CoreDNS) from the Go module proxy into a cache dir
 # outside the repository, keyed by a hash of go.mod, go.sum, the cmd/ sources
 # and this script. Reuses an existing build when the hash is unchanged.
 #
@@ -43,7 +44,7 @@ hash="$(
 cache_root="${COTRAIN_CACHE:-$HOME/.cache/cotrain}/controlplane"
 out="$cache_root/$hash"
 bin="$out/bin"
-want=(etcd kube-apiserver kube-controller-manager kubectl kube-scheduler kubelet pause cri-reset fake-gpu-plugin)
+want=(etcd kube-apiserver kube-controller-manager kubectl kube-scheduler kubelet pause cri-reset fake-gpu-plugin coredns)
 
 complete() {
   [[ -f "$out/.complete" ]] || return 1

@@ -30,7 +30,10 @@ import json
 import os
 import secrets
 import shutil
+import signal
+import socket
 import ssl
+import struct
 import subprocess
 import time
 import urllib.request
@@ -69,10 +72,15 @@ SCHEDULER_USER = "system:kube-scheduler"
 # node.kubernetes.io/not-ready taint that every new Node starts with (the scheduler places no
 # pod on a tainted node), and the root CA publisher creates each namespace's kube-root-ca.crt
 # ConfigMap, without which the kubelet cannot mount a pod's service-account token volume.
+# The operator runs as a Deployment (deployment and replicaset controllers), and Services get
+# their EndpointSlices (what cluster DNS answers for headless Services) as on any cluster.
 NODE_KCM_CONTROLLERS = (
     *KCM_CONTROLLERS,
     "node-lifecycle-controller",
     "root-ca-certificate-publisher-controller",
+    "deployment-controller",
+    "replicaset-controller",
+    "endpointslice-controller",
 )
 # Debian's package paths.
 CONTAINERD = Path("/usr/bin/containerd")
@@ -85,6 +93,47 @@ SERVICE_CHAIN = "COTRAIN-SERVICES"
 # The kubelet serves its device-plugin registration here whatever its --root-dir says
 # (deviceplugin/v1beta1.DevicePluginPath): one node at a time per host.
 DEVICE_PLUGIN_DIR = Path("/var/lib/kubelet/device-plugins")
+CLUSTER_DOMAIN = "cluster.local"
+# What CoreDNS's kubernetes plugin reads (it always watches namespaces).
+_COREDNS_RBAC: dict[str, Any] = {
+    "apiVersion": "v1",
+    "kind": "List",
+    "items": [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": "coredns", "namespace": "kube-system"},
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": "system:coredns"},
+            "rules": [
+                {
+                    "apiGroups": [""],
+                    "resources": ["services", "namespaces", "pods"],
+                    "verbs": ["list", "watch"],
+                },
+                {
+                    "apiGroups": ["discovery.k8s.io"],
+                    "resources": ["endpointslices"],
+                    "verbs": ["list", "watch"],
+                },
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": "system:coredns"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "system:coredns",
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": "coredns", "namespace": "kube-system"}],
+        },
+    ],
+}
 _PLUGIN_PREFIX = "fake-gpu-plugin-"  # its processes' names, one per resource
 # Unix sockets carry at most 107 bytes of path.
 _MAX_SOCKET_PATH = 100
@@ -263,6 +312,39 @@ def _ensure_bridge(name: str, cidr: str) -> None:
     _run("ip", "link", "set", name, "up")
 
 
+def resolve(server: str, name: str, port: int = 53, timeout: float = 2.0) -> list[str]:
+    """The A records ``server`` gives for ``name`` over UDP: [] for none, NXDOMAIN, a refusal
+    or no answer in time. A few lines of RFC 1035, since no DNS client is installed here."""
+    query_id = secrets.randbelow(1 << 16)
+    question = b"".join(bytes([len(part)]) + part.encode() for part in name.split(".")) + b"\0"
+    packet = struct.pack(">HHHHHH", query_id, 0x0100, 1, 0, 0, 0) + question + b"\0\1\0\1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.sendto(packet, (server, port))
+            reply = sock.recv(4096)
+        except OSError:
+            return []
+    got_id, flags, _, count = struct.unpack(">HHHH", reply[:8])
+    if got_id != query_id or flags & 0xF:  # not ours, or an error rcode
+        return []
+    at = 12 + len(question) + 4
+    found = []
+    for _ in range(count):
+        if reply[at] & 0xC0 == 0xC0:  # a compressed name: two bytes
+            at += 2
+        else:
+            while reply[at]:
+                at += reply[at] + 1
+            at += 1
+        kind, _, _, length = struct.unpack(">HHIH", reply[at : at + 10])
+        at += 10
+        if kind == 1 and length == 4:
+            found.append(".".join(str(b) for b in reply[at : at + 4]))
+        at += length
+    return found
+
+
 def _iptables(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return _run(str(IPTABLES), "-w", "-t", "nat", *args, check=check)
 
@@ -325,6 +407,7 @@ class Node:
     _stopped: bool = field(default=False, repr=False)
     _gpu_plugins: dict[str, FakeGpus] = field(default_factory=dict, repr=False)
     _gpu_labels: dict[str, str] = field(default_factory=dict, repr=False)
+    _kubelet_healthz_port: int = field(default=0, repr=False)
 
     # ---- start -----------------------------------------------------------
 
@@ -380,6 +463,7 @@ class Node:
         self.startup_seconds["images"] = time.monotonic() - t0
         kubelet_kubeconfig, scheduler_kubeconfig = self._identities()
         self._start_scheduler(scheduler_kubeconfig, timeout)
+        self._start_cluster_dns(timeout)
         self._start_kubelet(pki, kubelet_kubeconfig, timeout, verbosity)
         self.startup_seconds["total"] = time.monotonic() - t_all
 
@@ -582,12 +666,54 @@ disabled_plugins = [
         _wait("kube-scheduler /healthz", _https_ok(port), [proc], log, timeout)
         self.startup_seconds["kube-scheduler"] = time.monotonic() - t0
 
+    def _start_cluster_dns(self, timeout: float) -> None:
+        """CoreDNS (build.sh's, with the kubernetes plugin) on the node IP's port 53, as the
+        coredns ServiceAccount with the read access its kubernetes plugin needs. It answers for
+        cluster.local only: nothing here resolves names outside the cluster."""
+        cp = self.control_plane
+        cp.kubectl("apply", "-f", "-", input=json.dumps(_COREDNS_RBAC))
+        kubeconfig = cp.service_account_kubeconfig(
+            "kube-system", "coredns", create=False, duration="24h"
+        )
+        health = free_port()
+        corefile = self.workdir / "Corefile"
+        zones = f"{CLUSTER_DOMAIN} in-addr.arpa ip6.arpa"
+        corefile.write_text(
+            f"""{CLUSTER_DOMAIN}:53 in-addr.arpa:53 ip6.arpa:53 {{
+    bind {self.ip}
+    errors
+    health 127.0.0.1:{health}
+    kubernetes {zones} {{
+        kubeconfig {kubeconfig}
+        pods insecure
+        fallthrough in-addr.arpa ip6.arpa
+        ttl 5
+    }}
+    cache 5
+    loadbalance
+}}
+"""
+        )
+        log = self.workdir / "coredns.log"
+        t0 = time.monotonic()
+        proc = _spawn("coredns", [str(self.bin_dir / "coredns"), f"-conf={corefile}"], log)
+        self._procs.append(proc)
+        # Its /ready says ready before the DNS listener is up: ask it a real question.
+        service = f"kubernetes.default.svc.{CLUSTER_DOMAIN}"
+
+        def answers() -> tuple[bool, str]:
+            found = resolve(self.ip, service, timeout=0.5)
+            return bool(found), str(found)
+
+        _wait(f"CoreDNS answering for {service}", answers, [proc], log, timeout)
+        self.startup_seconds["coredns"] = time.monotonic() - t0
+
     def _start_kubelet(
         self, pki: NodePKI, kubeconfig: Path, timeout: float, verbosity: int
     ) -> None:
         root = self.workdir / "kubelet"
         root.mkdir(parents=True, exist_ok=True)
-        healthz_port = free_port()
+        healthz_port = self._kubelet_healthz_port = free_port()
         config: dict[str, Any] = {
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
@@ -611,6 +737,10 @@ disabled_plugins = [
             # kubelet refuses cgroup v1 unless told not to.
             "cgroupDriver": "cgroupfs",
             "failCgroupV1": False,
+            # CoreDNS on the node IP (_start_cluster_dns): pods resolve Services and the
+            # headless Services' pod names for real.
+            "clusterDNS": [self.ip],
+            "clusterDomain": CLUSTER_DOMAIN,
             "containerRuntimeEndpoint": f"unix://{self.containerd_socket}",
             "podLogsDir": str(self.workdir / "pod-logs"),
             # Pods get no DNS servers: there is no cluster DNS, and the host's resolvers are
@@ -665,6 +795,39 @@ disabled_plugins = [
 
         _wait(f"Node {self.name} Ready and untainted", ready, [proc], log, timeout)
         self.startup_seconds["kubelet"] = time.monotonic() - t0
+
+    def restart(self, name: str, *, crash: bool = False, timeout: float = 60.0) -> None:
+        """Stop the node's ``name`` process ("kubelet", "containerd") and start it again with the
+        same command line, as a node agent's restart does: SIGTERM, or SIGKILL with ``crash``
+        (no cleanup at all). Containers outlive both (containerd's shims hold them). Returns
+        once it serves again: containerd's socket answers, the kubelet's /healthz is ok."""
+        old = next(p for p in self._procs if p.name == name)
+        if crash:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(old.pid, signal.SIGKILL)
+            old.popen.wait(timeout)
+        old.stop(timeout)
+        env = dict(os.environ)
+        env["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        new = _spawn(name, [str(a) for a in old.popen.args], old.log_path, env)  # type: ignore[union-attr]
+        self._procs[self._procs.index(old)] = new
+        if name == "containerd":
+
+            def serving() -> tuple[bool, str]:
+                r = self.ctr("version", check=False)
+                return r.returncode == 0, r.stderr
+
+        elif name == "kubelet":
+            url = f"http://127.0.0.1:{self._kubelet_healthz_port}/healthz"
+
+            def serving() -> tuple[bool, str]:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    body = r.read().decode()
+                    return r.status == 200 and body == "ok", body
+
+        else:
+            raise NodeError(f"restart: no readiness check for {name}")
+        _wait(f"{name} serving again", serving, [new], new.log_path, timeout)
 
     # ---- GPUs --------------------------------------------------------------
 
