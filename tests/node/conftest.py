@@ -69,16 +69,26 @@ def real_node(
         cp.stop()
 
 
-@pytest.fixture(scope="session")
-def trainer_image(real_node: RealNode) -> LocalImage:
-    """The trainer image built from trainer_image/Dockerfile by setup, imported into the node."""
+def _imported(real_node: RealNode, name: str) -> LocalImage:
     try:
-        image = project_image("trainer")
+        image = project_image(name)
     except ImageMissingError as e:
         pytest.fail(str(e))
     seconds = real_node.node.import_image(image)
-    print(f"\ntrainer image {image.ref} imported in {seconds:.0f} s")
+    print(f"\n{name} image {image.ref} imported in {seconds:.0f} s")
     return image
+
+
+@pytest.fixture(scope="session")
+def trainer_image(real_node: RealNode) -> LocalImage:
+    """The trainer image built from trainer_image/Dockerfile by setup, imported into the node."""
+    return _imported(real_node, "trainer")
+
+
+@pytest.fixture(scope="session")
+def operator_image(real_node: RealNode) -> LocalImage:
+    """The operator image built from operator/Dockerfile by setup, imported into the node."""
+    return _imported(real_node, "operator")
 
 
 # What GPU Feature Discovery would label an MPS node with (it stays a label: no GFD runs here).
@@ -102,6 +112,14 @@ GFD_TIME_SLICING_LABELS = {
     "nvidia.com/gpu.replicas": "4",
 }
 TIME_SLICING_GPUS = FakeGpus("nvidia.com/gpu", devices=4)
+# Four whole A100s, not shared: what the distributed example's data-parallel members take.
+GFD_EXCLUSIVE_LABELS = {
+    **GFD_TIME_SLICING_LABELS,
+    "nvidia.com/gpu.count": "4",
+    "nvidia.com/gpu.sharing-strategy": "none",
+    "nvidia.com/gpu.replicas": "1",
+}
+EXCLUSIVE_GPUS = FakeGpus("nvidia.com/gpu", devices=4)
 
 
 @pytest.fixture
@@ -119,4 +137,11 @@ def mps_node(real_node: RealNode) -> RealNode:
 def time_slicing_node(real_node: RealNode) -> RealNode:
     """The real node as one GPU time-sliced four ways."""
     real_node.node.use_gpus(TIME_SLICING_GPUS, GFD_TIME_SLICING_LABELS)
+    return real_node
+
+
+@pytest.fixture
+def exclusive_node(real_node: RealNode) -> RealNode:
+    """The real node as four whole GPUs."""
+    real_node.node.use_gpus(EXCLUSIVE_GPUS, GFD_EXCLUSIVE_LABELS)
     return real_node

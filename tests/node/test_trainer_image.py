@@ -18,6 +18,8 @@ import yaml
 
 from tests.controlplane.cluster import ControlPlane
 from tests.controlplane.images import LocalImage
+from tests.controlplane.node import resolve
+from tests.fixtures.jobs import a_job
 from tests.fixtures.kube import install_cotrain
 from tests.fixtures.operator_process import OperatorProcess
 from tests.node.conftest import RealNode
@@ -180,3 +182,104 @@ def test_the_mixed_example_trains_to_success_in_the_trainer_image(
     assert "<none>" not in row, table
     assert row[0] == name, table
     assert "Succeeded" in row, table
+
+
+def _run_operator_job(
+    real_node: RealNode, trainer_image: LocalImage, ns: str, job: dict[str, Any], work: Path
+) -> dict[str, Any]:
+    """Run ``job`` under the real operator to its end; return its final status."""
+    cp = real_node.control_plane
+    install_cotrain(cp)
+    kubeconfig = cp.service_account_kubeconfig(
+        "cotrain-system", "cotrain-operator", create=False, duration="1h"
+    )
+    name = job["metadata"]["name"]
+    path = f"/apis/cotrain.dev/v1alpha1/namespaces/{ns}/cotrainjobs/{name}"
+    with OperatorProcess(kubeconfig, work, namespace=ns, trainer_image=trainer_image.ref):
+        cp.kubectl("create", "-n", ns, "-f", "-", input=json.dumps(job))
+        return _until(
+            f"job {name} to end",
+            lambda: (
+                (s := _get(cp, path).get("status", {})).get("phase") in ("Succeeded", "Failed")
+                and s
+            ),
+            timeout=240,
+        )
+
+
+def test_a_member_over_its_container_memory_limit_is_oom_killed_by_the_kernel(
+    time_slicing_node: RealNode,
+    trainer_image: LocalImage,
+    restricted_namespace: str,
+    tmp_path: Path,
+) -> None:
+    """A real kernel OOM kill in the pod's memory cgroup (cgroup v1 on this host, where the
+    supervisor reads memory.oom_control's count): the member's status says OOMKilled and how
+    to fix it, and the job fails with nothing retried."""
+    hog = "import time\nheld = b'x' * (2 << 30)\ntime.sleep(60)\n"
+    job = (
+        a_job("hog")
+        .member(0, command=["python", "-c", hog], resources={"limits": {"memory": "512Mi"}})
+        .gpu(0, memory="1Gi")
+        .run_policy(backoffLimit=0)
+        .build()
+    )
+    del job["spec"]["members"][1:]  # the pod's limit is its one member's
+    status = _run_operator_job(
+        time_slicing_node, trainer_image, restricted_namespace, job, tmp_path
+    )
+    assert status["phase"] == "Failed", status
+    member = status["members"]["torch"]
+    assert member["phase"] == "Failed", member
+    # No retry left (backoffLimit 0): the job says so, and why the one run ended.
+    assert member["reason"] == "BackoffLimitExceeded", member
+    assert member["message"].startswith("OOMKilled: killed by the kernel's out-of-memory"), member
+    assert member["exitCode"] == 137, member
+    # The kernel killed the member alone: the supervisor, in the same cgroup, lived to say so.
+    pods = _get(time_slicing_node.control_plane, f"/api/v1/namespaces/{restricted_namespace}/pods")
+    [pod] = pods["items"]
+    limits = pod["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["memory"] == str(512 << 20)  # the members' limits summed, in bytes
+
+
+def test_pods_resolve_cluster_names_through_coredns(real_node: RealNode) -> None:
+    node, cp = real_node.node, real_node.control_plane
+    service = _get(cp, "/api/v1/namespaces/default/services/kubernetes")
+    found = resolve(node.ip, "kubernetes.default.svc.cluster.local")
+    assert found == [service["spec"]["clusterIP"]]
+    assert resolve(node.ip, "no-such-service.default.svc.cluster.local") == []
+
+
+def test_the_distributed_example_trains_across_pods_that_find_each_other_by_dns(
+    exclusive_node: RealNode,
+    trainer_image: LocalImage,
+    restricted_namespace: str,
+    tmp_path: Path,
+) -> None:
+    """Replica pods rendezvous by their headless Services' names (torch.distributed's
+    MASTER_ADDR, TensorFlow's TF_CONFIG), which only CoreDNS answers here."""
+    job = yaml.safe_load((EXAMPLES / "distributed.yaml").read_text())
+    ns = restricted_namespace
+    status = _run_operator_job(exclusive_node, trainer_image, ns, job, tmp_path)
+    cp = exclusive_node.control_plane
+    assert status["phase"] == "Succeeded", (status, _events(cp, ns))
+    for name in ("torch-ddp", "tf-workers"):
+        member = status["members"][name]
+        assert member["phase"] == "Succeeded", member
+        assert member["step"] == member["totalSteps"] > 0, member
+        assert member["loss"] < member["firstLoss"], member
+    pods = _get(cp, f"/api/v1/namespaces/{ns}/pods")["items"]
+    names = sorted(p["metadata"]["name"] for p in pods)
+    assert names == [
+        "distributed-tf-workers-0-0",
+        "distributed-tf-workers-1-0",
+        "distributed-torch-ddp-0",
+    ]
+    plan = next(
+        e["value"]
+        for e in next(p for p in pods if p["metadata"]["name"].endswith("workers-1-0"))["spec"][
+            "containers"
+        ][0]["env"]
+        if e["name"] == "COTRAIN_POD_PLAN"
+    )
+    assert f".distributed-tf-workers.{ns}.svc" in plan
