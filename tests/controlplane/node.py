@@ -945,6 +945,10 @@ disabled_plugins = [
         # (a shared mount, for mount propagation) and the volumes (tmpfs for projected tokens)
         # of pods that were still running. Nothing else uses them now.
         _unmount_all(self.workdir)
+        # containerd's content and snapshots: the imported images, unpacked (the trainer's is
+        # several GiB). pytest keeps the last runs' temporary directories; the logs beside them
+        # are worth keeping, these are not.
+        shutil.rmtree(self.workdir / "containerd" / "root", ignore_errors=True)
         with contextlib.suppress(NodeError):
             _clear_service_routes()
         if _link_exists(self.bridge):

@@ -90,15 +90,23 @@ func register(pluginDir, endpoint, resource string) error {
 	return err
 }
 
-func inode(path string) uint64 {
+// socketID tells one kubelet.sock from the next: its inode and change time. The inode alone
+// does not, since a filesystem may hand a new file the inode the deleted one had (ext4 does,
+// at once), and a restarted kubelet would then never be registered with again.
+type socketID struct {
+	ino   uint64
+	ctime int64
+}
+
+func identify(path string) socketID {
 	info, err := os.Stat(path)
 	if err != nil {
-		return 0
+		return socketID{}
 	}
 	if st, ok := info.Sys().(*syscall.Stat_t); ok {
-		return st.Ino
+		return socketID{st.Ino, st.Ctim.Nano()}
 	}
-	return 0
+	return socketID{}
 }
 
 func main() {
@@ -128,7 +136,7 @@ func main() {
 	// Serve and register, and again whenever the kubelet restarts: it makes a new kubelet.sock,
 	// empties the plugin directory (our socket too) and forgets its plugins, as on a real node.
 	var server *grpc.Server
-	registered := uint64(0)
+	var registered socketID
 	tick := time.NewTicker(250 * time.Millisecond)
 	defer tick.Stop()
 	for {
@@ -139,8 +147,8 @@ func main() {
 			}
 			return
 		case <-tick.C:
-			current := inode(filepath.Join(*pluginDir, "kubelet.sock"))
-			if current == 0 || current == registered {
+			current := identify(filepath.Join(*pluginDir, "kubelet.sock"))
+			if current == (socketID{}) || current == registered {
 				continue
 			}
 			if server != nil {
