@@ -120,6 +120,18 @@ GFD_EXCLUSIVE_LABELS = {
     "nvidia.com/gpu.replicas": "1",
 }
 EXCLUSIVE_GPUS = FakeGpus("nvidia.com/gpu", devices=4)
+# One A100 80GB cut into seven 1g.10gb MIG slices, GFD's mixed strategy: each slice its own
+# resource, as NVIDIA's plugin advertises it.
+GFD_MIG_LABELS = {
+    key: value
+    for key, value in GFD_TIME_SLICING_LABELS.items()
+    if key not in ("nvidia.com/gpu.sharing-strategy", "nvidia.com/gpu.replicas")
+} | {
+    "nvidia.com/mig.strategy": "mixed",
+    "nvidia.com/mig-1g.10gb.count": "7",
+    "nvidia.com/mig-1g.10gb.memory": "9856",
+}
+MIG_GPUS = FakeGpus("nvidia.com/mig-1g.10gb", devices=7)
 
 
 @pytest.fixture
@@ -144,4 +156,11 @@ def time_slicing_node(real_node: RealNode) -> RealNode:
 def exclusive_node(real_node: RealNode) -> RealNode:
     """The real node as four whole GPUs."""
     real_node.node.use_gpus(EXCLUSIVE_GPUS, GFD_EXCLUSIVE_LABELS)
+    return real_node
+
+
+@pytest.fixture
+def mig_node(real_node: RealNode) -> RealNode:
+    """The real node as one GPU in seven 1g.10gb MIG slices."""
+    real_node.node.use_gpus(MIG_GPUS, GFD_MIG_LABELS)
     return real_node

@@ -20,6 +20,7 @@ import yaml
 
 from tests.controlplane.cluster import ControlPlane
 from tests.controlplane.images import LocalImage
+from tests.fixtures.jobs import a_job
 from tests.node.conftest import RealNode
 
 pytestmark = pytest.mark.slow
@@ -250,3 +251,59 @@ def test_a_deleted_trainer_pod_is_replaced_and_the_job_still_succeeds(
     assert pods[0]["metadata"]["uid"] != first["metadata"]["uid"]
     for name, member in progress.status()["members"].items():
         assert member["step"] == member["totalSteps"] == 3000, (name, member)
+
+
+def test_a_failing_member_is_retried_in_its_pod_and_the_job_still_succeeds(
+    time_slicing_node: RealNode, deployed_operator: Path, job_namespace: str
+) -> None:
+    cp, ns = time_slicing_node.control_plane, job_namespace
+    # The pod's /tmp (an emptyDir) outlives the member's first run, not the pod.
+    script = (
+        "import os, sys\n"
+        "from cotrain_trainer import report\n"
+        "if not os.path.exists('/tmp/crashed-once'):\n"
+        "    open('/tmp/crashed-once', 'w').close()\n"
+        "    sys.exit(3)\n"
+        "for step in range(1, 11):\n"
+        "    report.step(step=step, loss=1.0 / step, samples=8, total_steps=10)\n"
+    )
+    job = (
+        a_job("retry")
+        .run_policy(backoffLimit=2)
+        .member(1, framework="PyTorch", command=["python", "-c", script], steps=None)
+        .gpu(0, memory="1Gi")
+        .gpu(1, memory="1Gi")
+        .build()
+    )
+    cp.kubectl("create", "-n", ns, "-f", "-", input=json.dumps(job))
+    progress = Progress(cp, ns, "retry")
+    _until("the job Succeeded", lambda: progress.status().get("phase") == "Succeeded", 240)
+    members = progress.status()["members"]
+    assert members["tf"]["restarts"] == 1, members["tf"]
+    assert members["tf"]["phase"] == "Succeeded", members["tf"]
+    assert members["torch"]["restarts"] == 0, members["torch"]
+    [pod] = _pods(cp, ns, "cotrain.dev/job=retry")
+    assert pod["status"]["containerStatuses"][0]["restartCount"] == 0  # a member, not the pod
+
+
+def test_deleting_a_job_mid_run_stops_its_containers_and_removes_its_children(
+    time_slicing_node: RealNode, deployed_operator: Path, job_namespace: str
+) -> None:
+    node, cp, ns = time_slicing_node.node, time_slicing_node.control_plane, job_namespace
+    cp.wait_for_garbage_collector("cotrain.dev/v1alpha1", "CoTrainJob")
+    cp.kubectl("create", "-n", ns, "-f", "-", input=json.dumps(_long_mixed_job("doomed")))
+    progress = Progress(cp, ns, "doomed")
+    progress.advanced("the start")
+    [pod] = _pods(cp, ns, "cotrain.dev/job=doomed")
+    container = pod["status"]["containerStatuses"][0]["containerID"].removeprefix("containerd://")
+    assert container in node.ctr("tasks", "ls", "-q").stdout.split()
+    cp.kubectl("delete", "cotrainjob", "doomed", "-n", ns, "--wait=false")
+    _until("the job's pods gone", lambda: not _pods(cp, ns, "cotrain.dev/job=doomed"), 90)
+    _until(
+        "the trainer's container stopped",
+        lambda: container not in node.ctr("tasks", "ls", "-q").stdout.split(),
+        60,
+    )
+    # The namespace's trainer identity is no child of the job: it stays for the other jobs.
+    account = _get(cp, f"/api/v1/namespaces/{ns}/serviceaccounts/cotrain-trainer")
+    assert not account["metadata"].get("ownerReferences")

@@ -10,6 +10,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -184,10 +185,16 @@ def test_the_mixed_example_trains_to_success_in_the_trainer_image(
     assert "Succeeded" in row, table
 
 
+@dataclass
+class Ran:
+    status: dict[str, Any]  # the job's, at its end
+    pods: dict[str, dict[str, Any]]  # every pod of the job seen while it ran, as last seen
+
+
 def _run_operator_job(
     real_node: RealNode, trainer_image: LocalImage, ns: str, job: dict[str, Any], work: Path
-) -> dict[str, Any]:
-    """Run ``job`` under the real operator to its end; return its final status."""
+) -> Ran:
+    """Run ``job`` under the real operator to its end."""
     cp = real_node.control_plane
     install_cotrain(cp)
     kubeconfig = cp.service_account_kubeconfig(
@@ -195,16 +202,17 @@ def _run_operator_job(
     )
     name = job["metadata"]["name"]
     path = f"/apis/cotrain.dev/v1alpha1/namespaces/{ns}/cotrainjobs/{name}"
+    seen: dict[str, dict[str, Any]] = {}
+
+    def ended() -> dict[str, Any] | None:
+        for pod in _get(cp, f"/api/v1/namespaces/{ns}/pods")["items"]:
+            seen[pod["metadata"]["name"]] = pod
+        status: dict[str, Any] = _get(cp, path).get("status", {})
+        return status if status.get("phase") in ("Succeeded", "Failed") else None
+
     with OperatorProcess(kubeconfig, work, namespace=ns, trainer_image=trainer_image.ref):
         cp.kubectl("create", "-n", ns, "-f", "-", input=json.dumps(job))
-        return _until(
-            f"job {name} to end",
-            lambda: (
-                (s := _get(cp, path).get("status", {})).get("phase") in ("Succeeded", "Failed")
-                and s
-            ),
-            timeout=240,
-        )
+        return Ran(_until(f"job {name} to end", ended, timeout=240), seen)
 
 
 def test_a_member_over_its_container_memory_limit_is_oom_killed_by_the_kernel(
@@ -225,9 +233,8 @@ def test_a_member_over_its_container_memory_limit_is_oom_killed_by_the_kernel(
         .build()
     )
     del job["spec"]["members"][1:]  # the pod's limit is its one member's
-    status = _run_operator_job(
-        time_slicing_node, trainer_image, restricted_namespace, job, tmp_path
-    )
+    ran = _run_operator_job(time_slicing_node, trainer_image, restricted_namespace, job, tmp_path)
+    status = ran.status
     assert status["phase"] == "Failed", status
     member = status["members"]["torch"]
     assert member["phase"] == "Failed", member
@@ -236,8 +243,7 @@ def test_a_member_over_its_container_memory_limit_is_oom_killed_by_the_kernel(
     assert member["message"].startswith("OOMKilled: killed by the kernel's out-of-memory"), member
     assert member["exitCode"] == 137, member
     # The kernel killed the member alone: the supervisor, in the same cgroup, lived to say so.
-    pods = _get(time_slicing_node.control_plane, f"/api/v1/namespaces/{restricted_namespace}/pods")
-    [pod] = pods["items"]
+    [pod] = ran.pods.values()
     limits = pod["spec"]["containers"][0]["resources"]["limits"]
     assert limits["memory"] == str(512 << 20)  # the members' limits summed, in bytes
 
@@ -260,7 +266,8 @@ def test_the_distributed_example_trains_across_pods_that_find_each_other_by_dns(
     MASTER_ADDR, TensorFlow's TF_CONFIG), which only CoreDNS answers here."""
     job = yaml.safe_load((EXAMPLES / "distributed.yaml").read_text())
     ns = restricted_namespace
-    status = _run_operator_job(exclusive_node, trainer_image, ns, job, tmp_path)
+    ran = _run_operator_job(exclusive_node, trainer_image, ns, job, tmp_path)
+    status = ran.status
     cp = exclusive_node.control_plane
     assert status["phase"] == "Succeeded", (status, _events(cp, ns))
     for name in ("torch-ddp", "tf-workers"):
@@ -268,8 +275,8 @@ def test_the_distributed_example_trains_across_pods_that_find_each_other_by_dns(
         assert member["phase"] == "Succeeded", member
         assert member["step"] == member["totalSteps"] > 0, member
         assert member["loss"] < member["firstLoss"], member
-    pods = _get(cp, f"/api/v1/namespaces/{ns}/pods")["items"]
-    names = sorted(p["metadata"]["name"] for p in pods)
+    pods = list(ran.pods.values())
+    names = sorted(ran.pods)
     assert names == [
         "distributed-tf-workers-0-0",
         "distributed-tf-workers-1-0",
@@ -283,3 +290,24 @@ def test_the_distributed_example_trains_across_pods_that_find_each_other_by_dns(
         if e["name"] == "COTRAIN_POD_PLAN"
     )
     assert f".distributed-tf-workers.{ns}.svc" in plan
+
+
+def test_the_mig_example_trains_on_slices_the_device_plugin_hands_out(
+    mig_node: RealNode,
+    trainer_image: LocalImage,
+    restricted_namespace: str,
+    tmp_path: Path,
+) -> None:
+    ns, cp = restricted_namespace, mig_node.control_plane
+    job = yaml.safe_load((EXAMPLES / "mig-slice.yaml").read_text())
+    ran = _run_operator_job(mig_node, trainer_image, ns, job, tmp_path)
+    status = ran.status
+    assert status["phase"] == "Succeeded", (status, _events(cp, ns))
+    for name in ("torch", "tf"):
+        member = status["members"][name]
+        assert member["step"] == member["totalSteps"] > 0, member
+        assert member["loss"] < member["firstLoss"], member
+    assert ran.pods
+    for pod in ran.pods.values():
+        limits = pod["spec"]["containers"][0]["resources"]["limits"]
+        assert limits["nvidia.com/mig-1g.10gb"] == "1", limits
