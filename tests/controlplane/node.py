@@ -743,8 +743,8 @@ disabled_plugins = [
             "clusterDomain": CLUSTER_DOMAIN,
             "containerRuntimeEndpoint": f"unix://{self.containerd_socket}",
             "podLogsDir": str(self.workdir / "pod-logs"),
-            # Pods get no DNS servers: there is no cluster DNS, and the host's resolvers are
-            # outside the pod network.
+            # Pods get no upstream resolvers beside the cluster DNS: the host's are outside the
+            # pod network.
             "resolvConf": "",
             "failSwapOn": False,
             # The imported images cannot be pulled again: never garbage-collect them, and do not
