@@ -269,7 +269,8 @@ def test_the_distributed_example_trains_across_pods_that_find_each_other_by_dns(
     ran = _run_operator_job(exclusive_node, trainer_image, ns, job, tmp_path)
     status = ran.status
     cp = exclusive_node.control_plane
-    assert status["phase"] == "Succeeded", (status, _events(cp, ns))
+    why = {n: (m.get("reason"), m.get("message", "")[-400:]) for n, m in status["members"].items()}
+    assert status["phase"] == "Succeeded", (why, _events(cp, ns))
     for name in ("torch-ddp", "tf-workers"):
         member = status["members"][name]
         assert member["phase"] == "Succeeded", member

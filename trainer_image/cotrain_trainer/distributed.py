@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Mapping
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from cotrain_operator.api.contract import MemberTopology
@@ -139,10 +141,19 @@ class World:
     local_rank: int = 0
     local_size: int = 1
     tf_workers: tuple[str, ...] = ()
+    master_addr: str = ""
 
     @property
     def distributed(self) -> bool:
         return self.size > 1
+
+    @property
+    def peer_hosts(self) -> tuple[str, ...]:
+        """The host names this process must reach to join its world (its own among them)."""
+        hosts = [w.rsplit(":", 1)[0] for w in self.tf_workers]
+        if self.master_addr:
+            hosts.append(self.master_addr)
+        return tuple(dict.fromkeys(hosts))
 
     @property
     def is_chief(self) -> bool:
@@ -166,7 +177,47 @@ class World:
             size=size,
             local_rank=int(environ.get(ENV_LOCAL_RANK, "0")),
             local_size=int(environ.get(ENV_LOCAL_WORLD_SIZE, "1")),
+            master_addr=environ.get(ENV_MASTER_ADDR, ""),
         )
+
+
+def wait_until_resolvable(
+    hosts: Sequence[str],
+    timeout: float = 600.0,
+    interval: float = 0.5,
+    resolve: Callable[[str], object] = socket.gethostbyname,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    say: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+) -> None:
+    """Return once every name in ``hosts`` resolves. A headless Service's pod names resolve only
+    after the endpoint controller has seen each pod's IP, a moment after the pods start (longer
+    on a busy cluster), and a name asked for too early stays unknown in DNS caches for their
+    negative TTL. The frameworks fail at once on a name that does not resolve (TensorFlow's gRPC
+    server cannot even bind its own), so a rank waits for its world's names first. Raises
+    TimeoutError naming those still unresolved after ``timeout`` seconds."""
+    pending = list(dict.fromkeys(hosts))
+    deadline = clock() + timeout
+    announced = False
+    while True:
+        left = []
+        for host in pending:
+            try:
+                resolve(host)
+            except OSError:
+                left.append(host)
+        if not left:
+            return
+        if clock() >= deadline:
+            raise TimeoutError(
+                f"{', '.join(left)} did not resolve within {timeout:.0f} s: "
+                "the member's headless Service or its pods' addresses are missing"
+            )
+        if not announced:
+            say(f"waiting for {', '.join(left)} to resolve (peers' pods not addressable yet)")
+            announced = True
+        pending = left
+        sleep(interval)
 
 
 def free_loopback_ports(count: int, host: str = "127.0.0.1") -> list[int]:

@@ -14,7 +14,7 @@ import sys
 
 from cotrain_operator.api.contract import ENV_MEMBER
 from cotrain_trainer import report
-from cotrain_trainer.distributed import World
+from cotrain_trainer.distributed import World, wait_until_resolvable
 from cotrain_trainer.frameworks import load_member_context
 from cotrain_trainer.frameworks.synthetic import dataset_samples, total_steps
 
@@ -30,6 +30,8 @@ def main() -> int:
     )
     progress = report.writer()
     world = World.from_env(member.framework, os.environ)
+    if world.distributed:
+        wait_until_resolvable(world.peer_hosts)
     announced = caps.as_event()
     if world.distributed:
         announced.update(rank=world.rank, worldSize=world.size)
