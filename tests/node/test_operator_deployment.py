@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
@@ -22,30 +21,14 @@ from tests.controlplane.cluster import ControlPlane
 from tests.controlplane.images import LocalImage
 from tests.fixtures.jobs import a_job
 from tests.node.conftest import RealNode
+from tests.node.waiting import get_json as _get
+from tests.node.waiting import until as _until
 
 pytestmark = pytest.mark.slow
-T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEM = "cotrain-system"
 OPERATOR = "cotrain-operator"
 STEPS = 8000  # long enough (a minute or so here) to fault the node three times mid-run
-
-
-def _until(what: str, probe: Callable[[], T | None], timeout: float = 120) -> T:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
-
-
-def _get(cp: ControlPlane, path: str) -> dict[str, Any]:
-    status, body = cp.get(path)
-    assert status == 200, body
-    return json.loads(body)  # type: ignore[no-any-return]
 
 
 def _pods(cp: ControlPlane, ns: str, selector: str) -> list[dict[str, Any]]:

@@ -8,40 +8,21 @@ room and creates the job's pod, and the real scheduler then says why it cannot b
 from __future__ import annotations
 
 import json
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
-from tests.controlplane.cluster import ControlPlane
 from tests.fixtures.jobs import a_job
 from tests.fixtures.kube import install_cotrain
 from tests.fixtures.operator_process import OperatorProcess
 from tests.node.conftest import RealNode
 from tests.node.test_real_node import _restricted_pod
+from tests.node.waiting import get_json as _get
+from tests.node.waiting import until as _until
 
 pytestmark = pytest.mark.slow
-T = TypeVar("T")
-
-
-def _until(what: str, probe: Callable[[], T | None], timeout: float = 60) -> T:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
-
-
-def _get(cp: ControlPlane, path: str) -> dict[str, Any]:
-    status, body = cp.get(path)
-    assert status == 200, body
-    return json.loads(body)  # type: ignore[no-any-return]
 
 
 def _hog(name: str, image: str, gpus: int) -> dict[str, Any]:

@@ -7,12 +7,11 @@ Succeeded by real PyTorch and TensorFlow with the operator's own pods.
 from __future__ import annotations
 
 import json
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
@@ -25,9 +24,10 @@ from tests.fixtures.kube import install_cotrain
 from tests.fixtures.operator_process import OperatorProcess
 from tests.node.conftest import RealNode
 from tests.node.test_real_node import _restricted_pod
+from tests.node.waiting import get_json as _get
+from tests.node.waiting import until as _until
 
 pytestmark = pytest.mark.slow
-T = TypeVar("T")
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 # What a framework, matplotlib and a user's program write, run in the image as the pod runs it.
@@ -59,23 +59,6 @@ out["api"] = client.VersionApi().get_code().git_version
 out["tmp"] = sorted(os.listdir("/tmp"))
 print("PROBE " + json.dumps(out), flush=True)
 """
-
-
-def _until(what: str, probe: Callable[[], T | None], timeout: float) -> T:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
-
-
-def _get(cp: ControlPlane, path: str) -> dict[str, Any]:
-    status, body = cp.get(path)
-    assert status == 200, body
-    return json.loads(body)  # type: ignore[no-any-return]
 
 
 @pytest.fixture
