@@ -9,6 +9,7 @@ Without root, Debian's container packages or a Go toolchain the tests fail; with
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,3 +165,17 @@ def mig_node(real_node: RealNode) -> RealNode:
     """The real node as one GPU in seven 1g.10gb MIG slices."""
     real_node.node.use_gpus(MIG_GPUS, GFD_MIG_LABELS)
     return real_node
+
+
+@pytest.fixture
+def restricted_namespace(real_node: RealNode) -> Iterator[str]:
+    """A namespace of the test's own that enforces Pod Security restricted."""
+    cp = real_node.control_plane
+    ns = f"t-{uuid.uuid4().hex[:8]}"
+    cp.kubectl("create", "namespace", ns)
+    cp.kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
+    cp.wait_for_service_account(ns)
+    try:
+        yield ns
+    finally:
+        cp.kubectl("delete", "namespace", ns, "--wait=false", check=False)

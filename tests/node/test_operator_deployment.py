@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -94,19 +93,6 @@ def deployed_operator(
         cp.kubectl("delete", "deploy", OPERATOR, "-n", SYSTEM, "--wait=true", check=False)
 
 
-@pytest.fixture
-def job_namespace(real_node: RealNode) -> Iterator[str]:
-    cp = real_node.control_plane
-    ns = f"d-{uuid.uuid4().hex[:8]}"
-    cp.kubectl("create", "namespace", ns)
-    cp.kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
-    cp.wait_for_service_account(ns)
-    try:
-        yield ns
-    finally:
-        cp.kubectl("delete", "namespace", ns, "--wait=false", check=False)
-
-
 def _long_mixed_job(name: str) -> dict[str, Any]:
     job: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "mixed-same-gpu.yaml").read_text())
     job["metadata"]["name"] = name
@@ -158,9 +144,9 @@ class Progress:
 
 
 def test_the_operator_deployment_runs_a_job_through_node_faults(
-    time_slicing_node: RealNode, deployed_operator: Path, job_namespace: str
+    time_slicing_node: RealNode, deployed_operator: Path, restricted_namespace: str
 ) -> None:
-    node, cp, ns = time_slicing_node.node, time_slicing_node.control_plane, job_namespace
+    node, cp, ns = time_slicing_node.node, time_slicing_node.control_plane, restricted_namespace
     operator_selector = "app.kubernetes.io/component=operator"
     [operator] = _pods(cp, SYSTEM, operator_selector)
     assert _ready(operator), operator["status"]  # the kubelet's probes against the pod
@@ -216,9 +202,9 @@ def test_the_operator_deployment_runs_a_job_through_node_faults(
 
 
 def test_a_deleted_trainer_pod_is_replaced_and_the_job_still_succeeds(
-    time_slicing_node: RealNode, deployed_operator: Path, job_namespace: str
+    time_slicing_node: RealNode, deployed_operator: Path, restricted_namespace: str
 ) -> None:
-    cp, ns = time_slicing_node.control_plane, job_namespace
+    cp, ns = time_slicing_node.control_plane, restricted_namespace
     job = _long_mixed_job("replaced")
     for member in job["spec"]["members"]:
         member["steps"] = 3000
@@ -237,9 +223,9 @@ def test_a_deleted_trainer_pod_is_replaced_and_the_job_still_succeeds(
 
 
 def test_a_failing_member_is_retried_in_its_pod_and_the_job_still_succeeds(
-    time_slicing_node: RealNode, deployed_operator: Path, job_namespace: str
+    time_slicing_node: RealNode, deployed_operator: Path, restricted_namespace: str
 ) -> None:
-    cp, ns = time_slicing_node.control_plane, job_namespace
+    cp, ns = time_slicing_node.control_plane, restricted_namespace
     # The pod's /tmp (an emptyDir) outlives the member's first run, not the pod.
     script = (
         "import os, sys\n"
@@ -270,9 +256,9 @@ def test_a_failing_member_is_retried_in_its_pod_and_the_job_still_succeeds(
 
 
 def test_deleting_a_job_mid_run_stops_its_containers_and_removes_its_children(
-    time_slicing_node: RealNode, deployed_operator: Path, job_namespace: str
+    time_slicing_node: RealNode, deployed_operator: Path, restricted_namespace: str
 ) -> None:
-    node, cp, ns = time_slicing_node.node, time_slicing_node.control_plane, job_namespace
+    node, cp, ns = time_slicing_node.node, time_slicing_node.control_plane, restricted_namespace
     cp.wait_for_garbage_collector("cotrain.dev/v1alpha1", "CoTrainJob")
     cp.kubectl("create", "-n", ns, "-f", "-", input=json.dumps(_long_mixed_job("doomed")))
     progress = Progress(cp, ns, "doomed")

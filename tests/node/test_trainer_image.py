@@ -7,8 +7,6 @@ Succeeded by real PyTorch and TensorFlow with the operator's own pods.
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,19 +57,6 @@ out["api"] = client.VersionApi().get_code().git_version
 out["tmp"] = sorted(os.listdir("/tmp"))
 print("PROBE " + json.dumps(out), flush=True)
 """
-
-
-@pytest.fixture
-def restricted_namespace(real_node: RealNode) -> Iterator[str]:
-    cp = real_node.control_plane
-    ns = f"t-{uuid.uuid4().hex[:8]}"
-    cp.kubectl("create", "namespace", ns)
-    cp.kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
-    cp.wait_for_service_account(ns)
-    try:
-        yield ns
-    finally:
-        cp.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
 def _events(cp: ControlPlane, ns: str) -> str:
