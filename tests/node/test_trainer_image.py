@@ -7,20 +7,17 @@ Succeeded by real PyTorch and TensorFlow with the operator's own pods.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.controlplane.cluster import ControlPlane
 from tests.controlplane.images import LocalImage
 from tests.controlplane.node import resolve
 from tests.fixtures.jobs import a_job
-from tests.fixtures.kube import install_cotrain
-from tests.fixtures.operator_process import OperatorProcess
 from tests.node.conftest import RealNode
+from tests.node.running import assert_trained, events, host_operator, job_path, run_operator_job
 from tests.node.test_real_node import _restricted_pod
 from tests.node.waiting import get_json as _get
 from tests.node.waiting import until as _until
@@ -59,10 +56,6 @@ print("PROBE " + json.dumps(out), flush=True)
 """
 
 
-def _events(cp: ControlPlane, ns: str) -> str:
-    return cp.kubectl("get", "events", "-n", ns, "-o", "wide", check=False).stdout
-
-
 def test_the_trainer_image_runs_as_uid_1000_on_a_read_only_root_and_reaches_the_api(
     real_node: RealNode, trainer_image: LocalImage, restricted_namespace: str
 ) -> None:
@@ -80,7 +73,7 @@ def test_the_trainer_image_runs_as_uid_1000_on_a_read_only_root_and_reaches_the_
         timeout=240,
     )
     logs = cp.kubectl("logs", "-n", ns, "probe", check=False).stdout
-    assert done["status"]["phase"] == "Succeeded", (logs, _events(cp, ns))
+    assert done["status"]["phase"] == "Succeeded", (logs, events(cp, ns))
     line = next(x for x in logs.splitlines() if x.startswith("PROBE "))
     seen = json.loads(line.removeprefix("PROBE "))
     assert (seen["uid"], seen["gid"]) == (1000, 1000)
@@ -96,53 +89,61 @@ def test_the_trainer_image_runs_as_uid_1000_on_a_read_only_root_and_reaches_the_
     assert {"matplotlib", ".cache", "plot.png"} <= set(seen["tmp"])
 
 
+@pytest.mark.parametrize("placement", ["SameGPU", "PodPerMember"])
 def test_the_mixed_example_trains_to_success_in_the_trainer_image(
     time_slicing_node: RealNode,
     trainer_image: LocalImage,
     restricted_namespace: str,
     tmp_path: Path,
+    placement: str,
 ) -> None:
+    """The example as written (SameGPU: both members in one pod), and with each member in a
+    pod of its own on the same time-sliced GPU."""
     cp, ns = time_slicing_node.control_plane, restricted_namespace
-    install_cotrain(cp)
-    kubeconfig = cp.service_account_kubeconfig(
-        "cotrain-system", "cotrain-operator", create=False, duration="1h"
-    )
+    example = EXAMPLES / "mixed-same-gpu.yaml"
+    document = yaml.safe_load(example.read_text())
+    document["spec"]["placement"]["strategy"] = placement
+    name = document["metadata"]["name"]
+    members = [m["name"] for m in document["spec"]["members"]]
+    pods_wanted = 1 if placement == "SameGPU" else len(members)
 
     def finished_pods() -> list[dict[str, Any]] | None:
         items: list[dict[str, Any]] = _get(cp, f"/api/v1/namespaces/{ns}/pods")["items"]
-        return items if all(p["status"].get("phase") == "Succeeded" for p in items) else None
+        done = [p for p in items if p["status"].get("phase") == "Succeeded"]
+        return items if len(done) == len(items) == pods_wanted else None
 
-    with OperatorProcess(kubeconfig, tmp_path, namespace=ns, trainer_image=trainer_image.ref):
-        example = EXAMPLES / "mixed-same-gpu.yaml"
-        cp.kubectl("apply", "-n", ns, "-f", str(example))
-        name = yaml.safe_load(example.read_text())["metadata"]["name"]
+    with host_operator(time_slicing_node, trainer_image, ns, tmp_path):
+        if placement == "SameGPU":
+            cp.kubectl("apply", "-n", ns, "-f", str(example))
+        else:
+            cp.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(document))
         waited = cp.kubectl(
             "wait", "-n", ns, "--for=condition=Succeeded", "--timeout=300s", f"ctj/{name}",
             check=False,
         )  # fmt: skip
-        job = _get(cp, f"/apis/cotrain.dev/v1alpha1/namespaces/{ns}/cotrainjobs/{name}")
-        assert waited.returncode == 0, (job.get("status"), _events(cp, ns))
+        job = _get(cp, job_path(ns, name))
+        assert waited.returncode == 0, (job.get("status"), events(cp, ns))
         # The trainer reports the last step, then exits: the kubelet's word on the pod follows.
-        pods = _until("the trainer pod to exit", finished_pods, timeout=60)
+        pods = _until("the trainer pods to exit", finished_pods, timeout=60)
     status = job["status"]
     assert status["phase"] == "Succeeded"
-    for member in ("torch-mlp", "tf-mlp"):
-        reported = status["members"][member]
-        assert reported["phase"] == "Succeeded", reported
-        assert reported["step"] == reported["totalSteps"] == 300, reported
-        assert reported["loss"] < reported["firstLoss"], reported
-        assert reported["samplesPerSecond"] > 0, reported
-    # One pod, placed by kube-scheduler on the node, run by the kubelet to Succeeded.
-    assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
-    pod = pods[0]
-    assert pod["spec"]["nodeName"] == time_slicing_node.node.name
-    assert pod["status"]["phase"] == "Succeeded"
-    assert pod["spec"]["containers"][0]["image"] == trainer_image.ref
-    scheduled = next(c for c in pod["status"]["conditions"] if c["type"] == "PodScheduled")
-    assert scheduled["status"] == "True"
+    assert status["progress"] == "100%"
+    assert_trained(status, members)
+    for member in members:
+        assert status["members"][member]["totalSteps"] == 300
+    # Placed by kube-scheduler on the node, run by the kubelet to Succeeded.
+    assert len(pods) == pods_wanted, [p["metadata"]["name"] for p in pods]
+    assert status["sharing"]["node"] == time_slicing_node.node.name
+    logs = ""
+    for pod in pods:
+        assert pod["spec"]["nodeName"] == time_slicing_node.node.name
+        assert pod["status"]["phase"] == "Succeeded"
+        assert pod["spec"]["containers"][0]["image"] == trainer_image.ref
+        scheduled = next(c for c in pod["status"]["conditions"] if c["type"] == "PodScheduled")
+        assert scheduled["status"] == "True"
+        logs += cp.kubectl("logs", "-n", ns, pod["metadata"]["name"]).stdout
     # kubectl logs, through the kubelet, shows each member's own lines.
-    logs = cp.kubectl("logs", "-n", ns, pod["metadata"]["name"]).stdout
-    for member in ("torch-mlp", "tf-mlp"):
+    for member in members:
         assert f"[{member}]" in logs, logs[-3000:]
     # kubectl get cotrainjobs: every printer column filled.
     table = cp.kubectl("get", "cotrainjobs", "-n", ns, name).stdout.splitlines()
@@ -151,36 +152,6 @@ def test_the_mixed_example_trains_to_success_in_the_trainer_image(
     assert "<none>" not in row, table
     assert row[0] == name, table
     assert "Succeeded" in row, table
-
-
-@dataclass
-class Ran:
-    status: dict[str, Any]  # the job's, at its end
-    pods: dict[str, dict[str, Any]]  # every pod of the job seen while it ran, as last seen
-
-
-def _run_operator_job(
-    real_node: RealNode, trainer_image: LocalImage, ns: str, job: dict[str, Any], work: Path
-) -> Ran:
-    """Run ``job`` under the real operator to its end."""
-    cp = real_node.control_plane
-    install_cotrain(cp)
-    kubeconfig = cp.service_account_kubeconfig(
-        "cotrain-system", "cotrain-operator", create=False, duration="1h"
-    )
-    name = job["metadata"]["name"]
-    path = f"/apis/cotrain.dev/v1alpha1/namespaces/{ns}/cotrainjobs/{name}"
-    seen: dict[str, dict[str, Any]] = {}
-
-    def ended() -> dict[str, Any] | None:
-        for pod in _get(cp, f"/api/v1/namespaces/{ns}/pods")["items"]:
-            seen[pod["metadata"]["name"]] = pod
-        status: dict[str, Any] = _get(cp, path).get("status", {})
-        return status if status.get("phase") in ("Succeeded", "Failed") else None
-
-    with OperatorProcess(kubeconfig, work, namespace=ns, trainer_image=trainer_image.ref):
-        cp.kubectl("create", "-n", ns, "-f", "-", input=json.dumps(job))
-        return Ran(_until(f"job {name} to end", ended, timeout=240), seen)
 
 
 def test_a_member_over_its_container_memory_limit_is_oom_killed_by_the_kernel(
@@ -201,7 +172,7 @@ def test_a_member_over_its_container_memory_limit_is_oom_killed_by_the_kernel(
         .build()
     )
     del job["spec"]["members"][1:]  # the pod's limit is its one member's
-    ran = _run_operator_job(time_slicing_node, trainer_image, restricted_namespace, job, tmp_path)
+    ran = run_operator_job(time_slicing_node, trainer_image, restricted_namespace, job, tmp_path)
     status = ran.status
     assert status["phase"] == "Failed", status
     member = status["members"]["torch"]
@@ -234,31 +205,25 @@ def test_the_distributed_example_trains_across_pods_that_find_each_other_by_dns(
     MASTER_ADDR, TensorFlow's TF_CONFIG), which only CoreDNS answers here."""
     job = yaml.safe_load((EXAMPLES / "distributed.yaml").read_text())
     ns = restricted_namespace
-    ran = _run_operator_job(exclusive_node, trainer_image, ns, job, tmp_path)
+    ran = run_operator_job(exclusive_node, trainer_image, ns, job, tmp_path)
     status = ran.status
     cp = exclusive_node.control_plane
     why = {n: (m.get("reason"), m.get("message", "")[-400:]) for n, m in status["members"].items()}
-    assert status["phase"] == "Succeeded", (why, _events(cp, ns))
-    for name in ("torch-ddp", "tf-workers"):
-        member = status["members"][name]
-        assert member["phase"] == "Succeeded", member
-        assert member["step"] == member["totalSteps"] > 0, member
-        assert member["loss"] < member["firstLoss"], member
-    pods = list(ran.pods.values())
-    names = sorted(ran.pods)
-    assert names == [
+    assert status["phase"] == "Succeeded", (why, events(cp, ns))
+    assert_trained(status, ["torch-ddp", "tf-workers"])
+    assert sorted(ran.pods) == [
         "distributed-tf-workers-0-0",
         "distributed-tf-workers-1-0",
         "distributed-torch-ddp-0",
     ]
-    plan = next(
-        e["value"]
-        for e in next(p for p in pods if p["metadata"]["name"].endswith("workers-1-0"))["spec"][
-            "containers"
-        ][0]["env"]
-        if e["name"] == "COTRAIN_POD_PLAN"
-    )
-    assert f".distributed-tf-workers.{ns}.svc" in plan
+    worker = ran.pods["distributed-tf-workers-1-0"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in worker["env"]}
+    topology = json.loads(env["COTRAIN_POD_PLAN"])["topology"]["tf-workers"]
+    assert topology["replicas"] == 2, topology
+    assert topology["replicaIndices"] == [1], topology
+    assert topology["masterAddr"] == f"tf-workers-0.distributed-tf-workers.{ns}.svc", topology
+    service = _get(cp, f"/api/v1/namespaces/{ns}/services/distributed-tf-workers")
+    assert service["spec"]["clusterIP"] == "None"  # headless: each replica's own name
 
 
 def test_the_mig_example_trains_on_slices_the_device_plugin_hands_out(
@@ -269,13 +234,10 @@ def test_the_mig_example_trains_on_slices_the_device_plugin_hands_out(
 ) -> None:
     ns, cp = restricted_namespace, mig_node.control_plane
     job = yaml.safe_load((EXAMPLES / "mig-slice.yaml").read_text())
-    ran = _run_operator_job(mig_node, trainer_image, ns, job, tmp_path)
+    ran = run_operator_job(mig_node, trainer_image, ns, job, tmp_path)
     status = ran.status
-    assert status["phase"] == "Succeeded", (status, _events(cp, ns))
-    for name in ("torch", "tf"):
-        member = status["members"][name]
-        assert member["step"] == member["totalSteps"] > 0, member
-        assert member["loss"] < member["firstLoss"], member
+    assert status["phase"] == "Succeeded", (status, events(cp, ns))
+    assert_trained(status, ["torch", "tf"])
     assert ran.pods
     for pod in ran.pods.values():
         limits = pod["spec"]["containers"][0]["resources"]["limits"]
