@@ -135,15 +135,32 @@ GFD_MIG_LABELS = {
 MIG_GPUS = FakeGpus("nvidia.com/mig-1g.10gb", devices=7)
 
 
-@pytest.fixture
-def mps_node(real_node: RealNode) -> RealNode:
-    """The real node with two fake MPS replicas from fake-gpu-plugin and GFD's labels."""
+# One L4 under MPS not split (replicas 1): the daemon's default active thread percentage is
+# 100, so a member may ask for any computePercent.
+GFD_WHOLE_MPS_LABELS = {**GFD_MPS_LABELS, "nvidia.com/gpu.replicas": "1"}
+WHOLE_MPS_GPUS = FakeGpus("nvidia.com/gpu", devices=1, mps=True)
+
+
+def as_mps_node(real_node: RealNode, gpus: FakeGpus, labels: dict[str, str]) -> RealNode:
+    """The real node as an MPS node of ``gpus`` and GFD ``labels``, its daemon's files made."""
     node = real_node.node
-    node.use_gpus(MPS_GPUS, GFD_MPS_LABELS)
+    node.use_gpus(gpus, labels)
     # What the plugin's MPS daemon would have made: its control pipe and its shared memory.
     (node.mps_root / "nvidia.com" / "gpu" / "pipe" / "control").write_text("")
     (node.mps_root / "shm" / "cuda.shm.daemon").write_text("")
     return real_node
+
+
+@pytest.fixture
+def mps_node(real_node: RealNode) -> RealNode:
+    """The real node with two fake MPS replicas from fake-gpu-plugin and GFD's labels."""
+    return as_mps_node(real_node, MPS_GPUS, GFD_MPS_LABELS)
+
+
+@pytest.fixture
+def whole_mps_node(real_node: RealNode) -> RealNode:
+    """The real node with one fake GPU under MPS, not split (one replica)."""
+    return as_mps_node(real_node, WHOLE_MPS_GPUS, GFD_WHOLE_MPS_LABELS)
 
 
 @pytest.fixture
