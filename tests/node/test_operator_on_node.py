@@ -8,16 +8,14 @@ room and creates the job's pod, and the real scheduler then says why it cannot b
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.fixtures.jobs import a_job
-from tests.fixtures.kube import install_cotrain
-from tests.fixtures.operator_process import OperatorProcess
 from tests.node.conftest import RealNode
+from tests.node.running import host_operator, job_path
 from tests.node.test_real_node import _restricted_pod
 from tests.node.waiting import get_json as _get
 from tests.node.waiting import until as _until
@@ -36,29 +34,19 @@ def _hog(name: str, image: str, gpus: int) -> dict[str, Any]:
 
 
 def test_a_pod_the_scheduler_cannot_place_shows_in_the_jobs_conditions(
-    mps_node: RealNode, tmp_path: Path
+    mps_node: RealNode, restricted_namespace: str, tmp_path: Path
 ) -> None:
-    cp = mps_node.control_plane
-    install_cotrain(cp)
-    ns = f"e-{uuid.uuid4().hex[:8]}"
-    cp.kubectl("create", "namespace", ns)
-    cp.kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
-    cp.wait_for_service_account(ns)
+    cp, ns = mps_node.control_plane, restricted_namespace
     hog = _hog("hog", mps_node.test_image.ref, gpus=2)
     cp.kubectl("create", "-n", ns, "-f", "-", input=json.dumps(hog))
     _until(
         "the other tenant's pod on both GPUs",
         lambda: _get(cp, f"/api/v1/namespaces/{ns}/pods/hog")["status"].get("phase") == "Running",
     )
-    kubeconfig = cp.service_account_kubeconfig(
-        "cotrain-system", "cotrain-operator", create=False, duration="1h"
-    )
-    operator = OperatorProcess(kubeconfig, tmp_path / "operator", namespace=ns)
-    operator.start()
-    try:
+    with host_operator(mps_node, None, ns, tmp_path):
         job = a_job("waits").sharing(mode="MPS").build()
         cp.kubectl("create", "-n", ns, "-f", "-", input=json.dumps(job))
-        path = f"/apis/cotrain.dev/v1alpha1/namespaces/{ns}/cotrainjobs/waits"
+        path = job_path(ns, "waits")
 
         def schedulable() -> dict[str, Any] | None:
             conditions = _get(cp, path).get("status", {}).get("conditions", [])
@@ -86,6 +74,3 @@ def test_a_pod_the_scheduler_cannot_place_shows_in_the_jobs_conditions(
         )
         assert mended["reason"] == "Scheduled"
         assert f"waits-gpu-0 on {mps_node.node.name}" in mended["message"]
-    finally:
-        operator.stop()
-        cp.kubectl("delete", "namespace", ns, "--wait=false", check=False)
