@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from cotrain_operator.api.contract import ENV_MEMBER
 from cotrain_trainer import report
 from cotrain_trainer.distributed import World, wait_until_resolvable
 from cotrain_trainer.frameworks import load_member_context
 from cotrain_trainer.frameworks.synthetic import dataset_samples, total_steps
+
+# When this process began, as near as it can tell (its framework is imported later, in main):
+# the start of the window in which it ran beside its co-tenants.
+LAUNCHED = time.time()
 
 
 def main() -> int:
@@ -36,7 +41,7 @@ def main() -> int:
     if world.distributed:
         announced.update(rank=world.rank, worldSize=world.size)
     steps = total_steps(member, dataset_samples(member, world.size), world.size)
-    progress.started(steps, announced)
+    progress.started(steps, announced, launched=LAUNCHED)
     with report.session():
         context.runner.train(member, progress)
     progress.close()

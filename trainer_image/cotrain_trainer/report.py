@@ -106,15 +106,24 @@ class ProgressWriter:
         self._file.flush()
 
     def started(
-        self, total_steps: int | None = None, caps: Mapping[str, Any] | None = None
+        self,
+        total_steps: int | None = None,
+        caps: Mapping[str, Any] | None = None,
+        launched: float | None = None,
     ) -> None:
-        """A run of the program began (written once per process)."""
+        """A run of the program began (written once per process); ``launched``: when its
+        process started (wall clock), if earlier than now."""
         with self._lock:
             if self._started:
                 return
             self._started = True
             announced = dict(caps or self.caps)
-            event = {"event": EVENT_STARTED, "totalSteps": total_steps, "caps": announced}
+            event = {
+                "event": EVENT_STARTED,
+                "totalSteps": total_steps,
+                "caps": announced,
+                "launched": None if launched is None else round(launched, 6),
+            }
             self._write({k: v for k, v in event.items() if v or k == "event"})
 
     def due(self, step: int, total_steps: int | None = None) -> bool:
