@@ -23,7 +23,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -33,6 +33,7 @@ from cotrain_operator.api.contract import (
     EXIT_GPU_OOM,
     EXIT_MEMBERS_FAILED,
     REASON_BACKOFF_EXCEEDED,
+    REASON_CO_TENANT_FAULT,
     REASON_COMPLETED,
     REASON_ERROR,
     REASON_GPU_OOM,
@@ -46,6 +47,7 @@ from cotrain_operator.api.contract import (
 from cotrain_operator.api.models import Member, MemberPhase, MemberStatus, SuccessPolicy
 from cotrain_trainer.caps import member_launch, with_python_first
 from cotrain_trainer.distributed import Rank, member_ranks, rank_env, spans_pods
+from cotrain_trainer.fault import Usage, culprits, memory_limit_bytes, resident_bytes_by_group
 from cotrain_trainer.gpu import NoGpu, Telemetry
 from cotrain_trainer.oom import is_gpu_oom_text
 from cotrain_trainer.report import (
@@ -300,6 +302,9 @@ class _MemberRun:
     caps: dict[str, Any] = field(default_factory=dict)
     # Its framework reports its device memory (the reliable count): NVML then says nothing.
     probe_seen: bool = False
+    # Its processes' resident memory when last sampled (in a pod of several members only).
+    resident_bytes: int | None = None
+    free_restart: bool = False  # the next restart costs nothing: it was a co-tenant's victim
     changed: bool = True
     final_sent: bool = False
 
@@ -362,8 +367,11 @@ class Supervisor:
         restart_backoff: float = 1.0,
         poll_interval: float = 0.1,
         gpu_sample_interval: float = 1.0,
+        memory_sample_interval: float = 0.5,
         environ: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        oom_counters: Sequence[Path] = CGROUP_OOM_COUNTERS,
+        resident_memory: Callable[[Iterable[int]], dict[int, int]] = resident_bytes_by_group,
     ) -> None:
         missing = [m.name for m in plan.members if m.name not in plan.budgets]
         if missing:
@@ -380,6 +388,10 @@ class Supervisor:
         self.restart_backoff = restart_backoff
         self.poll_interval = poll_interval
         self.gpu_sample_interval = gpu_sample_interval
+        self.memory_sample_interval = memory_sample_interval
+        self.oom_counters = tuple(oom_counters)
+        self.resident_memory = resident_memory
+        self._next_memory_sample = 0.0
         # Members inherit the supervisor's environment (CUDA_MPS_PIPE_DIRECTORY, proxies, ...)
         # but not its own COTRAIN_* variables: theirs are set per member.
         inherited = os.environ if environ is None else environ
@@ -467,6 +479,7 @@ class Supervisor:
                 self._restart_due(now)
                 self._escalate(now)
                 self._sample_gpu(now)
+                self._sample_memory(now)
                 self._notify()
                 if all(m.done for m in self.members):
                     break
@@ -520,7 +533,7 @@ class Supervisor:
         who = member.name if len(member.ranks) == 1 else f"{member.name} {rank.rank.label}"
         log_file.write(f"--- {who}: run {member.runs}: {' '.join(launch.argv)}\n".encode())
         log_file.flush()
-        rank.oom_kills_at_start = oom_kill_count()
+        rank.oom_kills_at_start = oom_kill_count(*self.oom_counters)
         try:
             process = subprocess.Popen(
                 launch.argv,
@@ -571,7 +584,7 @@ class Supervisor:
             if rank.output is not None:
                 rank.output.join(timeout=2.0)
             self._read_progress(member)  # what it wrote just before it ended
-            kills = oom_kill_count()
+            kills = oom_kill_count(*self.oom_counters)
             end = classify_exit(
                 returncode,
                 failure_reason=rank.failure.reason if rank.failure else None,
@@ -628,6 +641,11 @@ class Supervisor:
             status.phase, status.reason = MemberPhase.FAILED, REASON_STOPPED
             status.message = _clip(f"{member.stop_message}; {end.message}")
             return
+        now = now if now is not None else self._clock()
+        blamed = self._at_fault(member, end)
+        if blamed:
+            self._co_tenant_fault(member, end, blamed, now)
+            return
         status.reason = end.reason
         if end.reason == REASON_GPU_OOM:
             # A cap that was too small is too small again: restarting only delays co-tenants.
@@ -650,7 +668,7 @@ class Supervisor:
             return
         if member.restarts_left > 0:
             delay = restart_delay(member.restarts_here, self.restart_backoff)
-            member.restart_at = (now if now is not None else self._clock()) + delay
+            member.restart_at = now + delay
             status.phase = MemberPhase.RESTARTING
             status.message = _clip(
                 f"{end.message}; restart {status.restarts + 1} of {limit} in {delay:.1f}s"
@@ -662,13 +680,111 @@ class Supervisor:
             f"{status.restarts} restart(s)"
         )
 
+    # -- who was at fault (see cotrain_trainer.fault) ---------------------------------------
+
+    def _usage(self, member: _MemberRun, reason: str | None, *, own: bool = False) -> Usage:
+        """What is known of ``member``'s use of the pool that ran out: resident memory against
+        its resources.limits.memory for an OOM kill, device memory (the frameworks' probes)
+        against its gpu.memory budget for a GPU OOM; its peak for the member that ran out."""
+        running = bool(member.running)
+        if reason == REASON_OOM_KILLED:
+            return Usage(
+                member.name, member.resident_bytes, memory_limit_bytes(member.spec), running
+            )
+        used = member.status.gpu_memory_bytes
+        if own:
+            used = member.status.gpu_memory_peak_bytes or used
+        return Usage(member.name, used, member.budget.memory_bytes, running)
+
+    def _at_fault(self, member: _MemberRun, end: RunEnd) -> list[tuple[_MemberRun, Usage]]:
+        """The running co-tenants to charge for ``member``'s out-of-memory end, if it was
+        their fault; none otherwise (``member`` is then charged, as for any failure)."""
+        if end.reason not in (REASON_OOM_KILLED, REASON_GPU_OOM) or len(self.members) < 2:
+            return []
+        if spans_pods(member.topology):
+            return []  # its restart is the operator's, with its replicas in other pods
+        others = [m for m in self.members if m is not member]
+        for other in others:  # what they hold now, not at the last tick
+            self._read_progress(other)
+        self._sample_memory(self._clock(), force=True)
+        by_name = {m.name: m for m in others}
+        found = culprits(
+            self._usage(member, end.reason, own=True),
+            [self._usage(m, end.reason) for m in others if m.gang_end is None],
+        )
+        return [(by_name[u.member], u) for u in found]
+
+    def _co_tenant_fault(
+        self,
+        victim: _MemberRun,
+        end: RunEnd,
+        blamed: list[tuple[_MemberRun, Usage]],
+        now: float,
+    ) -> None:
+        """``victim`` ran out while within its own limit because ``blamed`` were over theirs:
+        it restarts at no cost to its backoffLimit, and each of them is stopped and charged."""
+        pool = "memory" if end.reason == REASON_OOM_KILLED else "GPU memory"
+        mine = self._usage(victim, end.reason, own=True)
+        held = "; ".join(f"{u.member} held {u.describe()}" for _, u in blamed)
+        delay = restart_delay(0, self.restart_backoff)
+        status = victim.status
+        status.phase, status.reason = MemberPhase.RESTARTING, REASON_CO_TENANT_FAULT
+        status.message = _clip(
+            f"{end.reason}: {end.message}; it held {mine.describe()} {pool} of its own limit "
+            f"while co-tenant {held}: restarted in {delay:.1f}s at no cost to its backoffLimit"
+        )
+        victim.restart_at = now + delay
+        victim.free_restart = True
+        for culprit, usage in blamed:
+            self._charge(
+                culprit,
+                RunEnd(
+                    128 + signal.SIGTERM,
+                    end.reason,
+                    f"it held {usage.describe()} {pool}, over its own limit, so co-tenant "
+                    f"{victim.name} ran out ({end.reason}); stopped",
+                ),
+                now,
+            )
+
+    def _charge(self, member: _MemberRun, end: RunEnd, now: float) -> None:
+        """Stop a co-tenant found at fault: its run ends as ``end``, and counts as any failure
+        of that kind does (an OOM kill against backoffLimit; a GPU OOM is not restarted)."""
+        running = member.running
+        if not running or member.gang_end is not None or member.stop_message is not None:
+            return
+        member.gang_end = end
+        member.stop_deadline = now + self.grace_period
+        for rank in running:
+            _signal_group(rank.process, signal.SIGTERM)
+
+    def _sample_memory(self, now: float, *, force: bool = False) -> None:
+        """Each running member's resident memory (its ranks' process groups), kept as evidence
+        for an OOM kill; only in a pod of several members, where there is someone to blame."""
+        if len(self.members) < 2 or (now < self._next_memory_sample and not force):
+            return
+        self._next_memory_sample = now + self.memory_sample_interval
+        groups = {m.name: [r.process.pid for r in m.running if r.process] for m in self.members}
+        try:
+            resident = self.resident_memory(pid for pids in groups.values() for pid in pids)
+        except OSError as error:  # evidence is best effort; training goes on without it
+            log.warning("reading resident memory failed: %s", error)
+            return
+        for member in self.members:
+            pids = groups[member.name]
+            if pids and any(pid in resident for pid in pids):
+                member.resident_bytes = sum(resident.get(pid, 0) for pid in pids)
+
     def _restart_due(self, now: float) -> None:
         for member in self.members:
             due = member.restart_at is not None and now >= member.restart_at
             if member.phase == MemberPhase.RESTARTING and due and not member.handed_over:
-                member.restarts_left -= 1
-                member.restarts_here += 1
-                member.status.restarts += 1
+                if member.free_restart:
+                    member.free_restart = False
+                else:
+                    member.restarts_left -= 1
+                    member.restarts_here += 1
+                    member.status.restarts += 1
                 self._launch(member)
 
     def _apply_success_policy(self, now: float) -> None:
