@@ -18,6 +18,7 @@ import pytest
 from tests.controlplane.images import LocalImage
 from tests.fixtures.faultproxy import FaultProxy, running_proxy, write_proxy_kubeconfig
 from tests.fixtures.jobs import a_job
+from tests.fixtures.kube import install_cotrain
 from tests.fixtures.operator_process import OperatorProcess
 from tests.node.conftest import RealNode
 from tests.node.running import assert_trained, host_operator, job_path, watch_to_end
@@ -43,6 +44,7 @@ def proxied_operator(
     tmp_path: Path,
 ) -> Iterator[OperatorProcess]:
     cp = time_slicing_node.control_plane
+    install_cotrain(cp)  # the operator's ServiceAccount, before a token of it
     token = cp.service_account_token(
         "cotrain-system", "cotrain-operator", create=False, duration="1h"
     )

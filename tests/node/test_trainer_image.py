@@ -187,6 +187,79 @@ def test_a_member_over_its_container_memory_limit_is_oom_killed_by_the_kernel(
     assert limits["memory"] == str(512 << 20)  # the members' limits summed, in bytes
 
 
+# Two members of one pod, each with its own memory limit (the pod's is their sum, 900Mi). The
+# culprit holds 300Mi, over its own 200Mi; the victim then grows within its own 700Mi until the
+# pod's limit is reached and the kernel kills the largest process in the cgroup: the victim.
+# Their second runs (the pod's /tmp remembers the first) train ten steps and succeed.
+CULPRIT = """
+import os, time
+from cotrain_trainer import report
+if not os.path.exists("/tmp/culprit-ran"):
+    open("/tmp/culprit-ran", "w").close()
+    held = b"x" * (300 << 20)
+    open("/tmp/culprit-holds", "w").close()
+    time.sleep(120)
+for step in range(1, 11):
+    report.step(step=step, loss=1.0 / step, samples=8, total_steps=10)
+"""
+VICTIM = """
+import os, time
+from cotrain_trainer import report
+if not os.path.exists("/tmp/victim-ran"):
+    open("/tmp/victim-ran", "w").close()
+    while not os.path.exists("/tmp/culprit-holds"):
+        time.sleep(0.05)
+    held = []
+    while True:
+        held.append(b"x" * (25 << 20))
+        time.sleep(0.1)
+for step in range(1, 11):
+    report.step(step=step, loss=1.0 / step, samples=8, total_steps=10)
+"""
+
+
+def test_a_member_the_kernel_kills_for_a_co_tenant_s_memory_is_not_charged(
+    time_slicing_node: RealNode,
+    trainer_image: LocalImage,
+    restricted_namespace: str,
+    tmp_path: Path,
+) -> None:
+    """A real kernel OOM kill of the member within its own limit, because its co-tenant was
+    over its own: the victim is CoTenantFault (restarted free), the co-tenant charged."""
+    job = (
+        a_job("blame")
+        .run_policy(backoffLimit=1)
+        .member(0, name="victim", command=["python", "-c", VICTIM], steps=None)
+        .member(
+            1, name="culprit", framework="PyTorch", command=["python", "-c", CULPRIT], steps=None
+        )
+        .member(0, resources={"limits": {"memory": "700Mi"}})
+        .member(1, resources={"limits": {"memory": "200Mi"}})
+        .gpu(0, memory="1Gi")
+        .gpu(1, memory="1Gi")
+        .build()
+    )
+    ns, cp = restricted_namespace, time_slicing_node.control_plane
+    ran = run_operator_job(time_slicing_node, trainer_image, ns, job, tmp_path)
+    [pod] = ran.pods.values()
+    logs = cp.kubectl("logs", "-n", ns, pod["metadata"]["name"], check=False).stdout
+    status = ran.status
+    assert status["phase"] == "Succeeded", (status, logs[-3000:])
+    victim, culprit = status["members"]["victim"], status["members"]["culprit"]
+    assert victim.get("restarts", 0) == 0, victim
+    assert culprit["restarts"] == 1, culprit
+    limits = pod["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["memory"] == str(900 << 20)
+    # What each said while it restarted, in the pod's log through the kubelet.
+    blamed = [x for x in logs.splitlines() if x.startswith("[victim] Restarting (CoTenantFault:")]
+    assert blamed, logs[-3000:]
+    assert "OOMKilled" in blamed[0], blamed
+    assert "culprit held" in blamed[0], blamed
+    charged = [x for x in logs.splitlines() if x.startswith("[culprit] Restarting (OOMKilled:")]
+    assert charged, logs[-3000:]
+    assert "over its own limit" in charged[0], charged
+
+
 def test_pods_resolve_cluster_names_through_coredns(real_node: RealNode) -> None:
     node, cp = real_node.node, real_node.control_plane
     service = _get(cp, "/api/v1/namespaces/default/services/kubernetes")
