@@ -209,8 +209,8 @@ def test_a_member_oom_killed_within_its_limit_is_the_victim_of_a_co_tenant_over_
     assert restarting[0].reason == REASON_CO_TENANT_FAULT
     assert restarting[0].message is not None
     assert "culprit" in restarting[0].message
-    assert "32MiB" in restarting[0].message
-    assert "512MiB" in restarting[0].message
+    assert "of its 512MiB limit (memory) while co-tenant culprit held" in restarting[0].message
+    assert "of its 32MiB limit" in restarting[0].message
     # The culprit: stopped and charged one restart, in its own words.
     assert culprit.restarts == 1, culprit
     assert _runs(tmp_path, "culprit") == 2
@@ -305,7 +305,7 @@ def test_a_gpu_oom_within_the_member_s_budget_is_the_fault_of_a_co_tenant_over_i
     assert culprit.phase == MemberPhase.FAILED, culprit
     assert culprit.reason == REASON_GPU_OOM, culprit
     assert culprit.message is not None
-    assert "3072MiB of 2048MiB" in culprit.message, culprit.message
+    assert "3072MiB of its 2048MiB limit (GPU memory)" in culprit.message, culprit.message
     assert _runs(tmp_path, "culprit") == 1
     assert not result.succeeded
 

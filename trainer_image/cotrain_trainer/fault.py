@@ -51,9 +51,11 @@ class Usage:
         )
 
     def describe(self) -> str:
+        """E.g. "300MiB of its 200MiB limit"."""
         used = "?" if self.used_bytes is None else f"{self.used_bytes // MIB}MiB"
-        limit = "no limit" if self.limit_bytes is None else f"{self.limit_bytes // MIB}MiB"
-        return f"{used} of {limit}"
+        if self.limit_bytes is None:
+            return f"{used} (no limit of its own)"
+        return f"{used} of its {self.limit_bytes // MIB}MiB limit"
 
 
 def culprits(victim: Usage, others: Sequence[Usage]) -> tuple[Usage, ...]:

@@ -502,6 +502,7 @@ class Supervisor:
         member.restart_at = None
         member.gang_end = None
         member.stop_deadline = None
+        member.resident_bytes = None  # evidence of this run only
         member.in_run = True
         member.status.phase = MemberPhase.RUNNING
         member.changed = True
@@ -730,8 +731,8 @@ class Supervisor:
         status = victim.status
         status.phase, status.reason = MemberPhase.RESTARTING, REASON_CO_TENANT_FAULT
         status.message = _clip(
-            f"{end.reason}: {end.message}; it held {mine.describe()} {pool} of its own limit "
-            f"while co-tenant {held}: restarted in {delay:.1f}s at no cost to its backoffLimit"
+            f"{end.reason}: {end.message}; it held {mine.describe()} ({pool}) while "
+            f"co-tenant {held}: restarted in {delay:.1f}s at no cost to its backoffLimit"
         )
         victim.restart_at = now + delay
         victim.free_restart = True
@@ -741,8 +742,8 @@ class Supervisor:
                 RunEnd(
                     128 + signal.SIGTERM,
                     end.reason,
-                    f"it held {usage.describe()} {pool}, over its own limit, so co-tenant "
-                    f"{victim.name} ran out ({end.reason}); stopped",
+                    f"it held {usage.describe()} ({pool}), over its own limit, so "
+                    f"co-tenant {victim.name} ran out ({end.reason}); stopped",
                 ),
                 now,
             )
