@@ -9,6 +9,7 @@ Fixtures (all session-scoped):
   control_plane          the running ControlPlane (admin kubeconfig/token, kubectl())
   kube_api               kubernetes.client.ApiClient as admin for control_plane
   control_plane_factory  start(**kw) -> an extra, independent ControlPlane
+  kueue                  a real Kueue running against control_plane (built by setup)
 
 Environment:
   COTRAIN_CONTROLPLANE_BIN       use binaries from this dir, skip build.sh
@@ -33,6 +34,7 @@ from tests.controlplane.cluster import (
     go_available,
     start_control_plane,
 )
+from tests.controlplane.kueue import Kueue, KueueMissingError, kueue_build, start_kueue
 
 
 @contextlib.contextmanager
@@ -99,3 +101,17 @@ def control_plane_factory(
     finally:
         for cp in started:
             cp.stop()
+
+
+@pytest.fixture(scope="session")
+def kueue(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kueue]:
+    """A real Kueue (built by setup from sigs.k8s.io/kueue) running against ``control_plane``."""
+    try:
+        built = kueue_build()
+    except KueueMissingError as e:
+        pytest.fail(str(e))
+    running = start_kueue(control_plane, built, tmp_path_factory.mktemp("kueue"))
+    try:
+        yield running
+    finally:
+        running.stop()
