@@ -827,8 +827,12 @@ class Supervisor:
                 for rank in running:
                     _signal_group(rank.process, signal.SIGTERM)
             elif not member.in_run:  # waiting to restart, or never started
-                member.status.phase, member.status.reason = MemberPhase.FAILED, REASON_STOPPED
-                member.status.message = _clip(message)
+                status = member.status
+                why = message
+                if status.phase == MemberPhase.RESTARTING and status.reason:
+                    why = f"{message}; it was to restart after {status.reason}: {status.message}"
+                status.phase, status.reason = MemberPhase.FAILED, REASON_STOPPED
+                status.message = _clip(why)
                 member.changed = True
 
     def _escalate(self, now: float) -> None:
