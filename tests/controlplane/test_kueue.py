@@ -5,7 +5,6 @@ and is admitted once the first is gone. Its webhooks answer for its own kinds.""
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from typing import Any
 
@@ -13,6 +12,7 @@ import pytest
 
 from tests.controlplane.cluster import ControlPlane, KubectlError
 from tests.controlplane.kueue import Kueue
+from tests.fixtures.kube import wait_for
 
 pytestmark = pytest.mark.slow
 API = "kueue.x-k8s.io/v1beta2"
@@ -42,16 +42,6 @@ def _condition(cp: ControlPlane, ns: str, name: str, kind: str) -> dict[str, Any
     got = json.loads(cp.kubectl("get", "workload", name, "-n", ns, "-o", "json").stdout)
     conditions = got.get("status", {}).get("conditions", [])
     return next((c for c in conditions if c["type"] == kind), None)
-
-
-def _until(what: str, probe: Any, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = probe()
-        if got:
-            return got
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_kueue_admits_workloads_by_quota(control_plane: ControlPlane, kueue: Kueue) -> None:
@@ -96,23 +86,26 @@ def test_kueue_admits_workloads_by_quota(control_plane: ControlPlane, kueue: Kue
     for name in ("first", "second"):
         cp.kubectl("create", "-n", ns, "-f", "-", input=json.dumps(_workload(name, "team-a", 1)))
         if name == "first":
-            admitted = _until(
+            admitted = wait_for(
                 "the first admitted",
                 lambda: (c := _condition(cp, ns, "first", "Admitted")) and c["status"] == "True",
+                timeout=60,
             )
             assert admitted
-    waiting = _until(
+    waiting = wait_for(
         "the second refused quota",
         lambda: (
             (c := _condition(cp, ns, "second", "QuotaReserved")) and c["status"] == "False" and c
         ),
+        timeout=60,
     )
     assert "nvidia.com/gpu" in waiting["message"], waiting
     assert (_condition(cp, ns, "second", "Admitted") or {}).get("status") != "True"
     cp.kubectl("delete", "workload", "first", "-n", ns)
-    _until(
+    wait_for(
         "the second admitted once the first is gone",
         lambda: (c := _condition(cp, ns, "second", "Admitted")) and c["status"] == "True",
+        timeout=60,
     )
     # Kueue's validating webhook answers for its own kinds: an admitted Workload's pod sets are
     # immutable, which only the webhook checks (the CRD's schema would let the change through).

@@ -24,7 +24,7 @@ from cotrain_operator.api.contract import (
     REASON_OOM_KILLED,
     PodPlan,
 )
-from cotrain_operator.api.models import Member, MemberPhase
+from cotrain_operator.api.models import Member, MemberPhase, MemberStatus
 from cotrain_trainer.fault import (
     Usage,
     culprits,
@@ -187,6 +187,13 @@ def _oom_killed_pod(
     return plan, options
 
 
+def _first_restart(recorder: Recorder, name: str) -> MemberStatus:
+    """The status ``name`` was first reported with while it waited to restart."""
+    waiting = [s for n, s, _ in recorder.changes if n == name and s.phase == MemberPhase.RESTARTING]
+    assert waiting, recorder.changes
+    return waiting[0]
+
+
 def _runs(tmp_path: Path, name: str) -> int:
     return (tmp_path / f"{name}.runs").read_text().count("run")
 
@@ -202,26 +209,20 @@ def test_a_member_oom_killed_within_its_limit_is_the_victim_of_a_co_tenant_over_
     # The victim: restarted at no cost, and said so while it restarted.
     assert victim.restarts == 0, victim
     assert _runs(tmp_path, "victim") == 2
-    restarting = [
-        s for n, s, _ in recorder.changes if n == "victim" and s.phase == MemberPhase.RESTARTING
-    ]
-    assert restarting, recorder.changes
-    assert restarting[0].reason == REASON_CO_TENANT_FAULT
-    assert restarting[0].message is not None
-    assert "culprit" in restarting[0].message
-    assert "of its 512MiB limit (memory) while co-tenant culprit held" in restarting[0].message
-    assert "of its 32MiB limit" in restarting[0].message
+    restarting = _first_restart(recorder, "victim")
+    assert restarting.reason == REASON_CO_TENANT_FAULT
+    assert restarting.message is not None
+    assert "culprit" in restarting.message
+    assert "of its 512MiB limit (memory) while co-tenant culprit held" in restarting.message
+    assert "of its 32MiB limit" in restarting.message
     # The culprit: stopped and charged one restart, in its own words.
     assert culprit.restarts == 1, culprit
     assert _runs(tmp_path, "culprit") == 2
-    charged = [
-        s for n, s, _ in recorder.changes if n == "culprit" and s.phase == MemberPhase.RESTARTING
-    ]
-    assert charged, recorder.changes
-    assert charged[0].reason == REASON_OOM_KILLED
-    assert charged[0].message is not None
-    assert "over its own limit" in charged[0].message
-    assert "victim" in charged[0].message
+    charged = _first_restart(recorder, "culprit")
+    assert charged.reason == REASON_OOM_KILLED
+    assert charged.message is not None
+    assert "over its own limit" in charged.message
+    assert "victim" in charged.message
     assert (victim.reason, culprit.reason) == (REASON_COMPLETED, REASON_COMPLETED)
 
 
