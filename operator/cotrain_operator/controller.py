@@ -30,6 +30,7 @@ from cotrain_operator.reconcile.children import LABEL_JOB
 from cotrain_operator.reconcile.create_errors import CreateOutcome, classify, refusal_message
 from cotrain_operator.reconcile.job import TERMINAL, Decision, decide, failed_create
 from cotrain_operator.reconcile.placement import held_share
+from cotrain_operator.reconcile.queueing import KueueObjects, parse_flavor, queue_name
 from cotrain_operator.sharing import GpuNode, parse_node
 from cotrain_operator.sharing.inventory import less_held
 
@@ -49,9 +50,15 @@ SLOW_DECIDE_SECONDS = 1.0
 
 
 class Controller:
-    def __init__(self, api: KubeApi, workers: int = 4) -> None:
+    def __init__(self, api: KubeApi, workers: int = 4, kueue: bool = False) -> None:
         self.api = api
         self.workers = workers
+        # Queueing with Kueue (deploy/components/kueue): the jobs' Workloads, by job, and the
+        # cluster's ResourceFlavors and WorkloadPriorityClasses; None when the operator does not.
+        self.kueue: KueueObjects | None = KueueObjects({}, {}) if kueue else None
+        self.workloads: dict[Key, dict[str, Any]] = {}
+        # Jobs that found no room for a pod: looked at again when a GPU share is released.
+        self._waiting_capacity: set[Key] = set()
         self._decider = ThreadPoolExecutor(max(1, workers), thread_name_prefix="cotrain-decide")
         self.jobs: dict[Key, dict[str, Any]] = {}
         self.pods: dict[Key, dict[str, dict[str, Any]]] = defaultdict(dict)
@@ -83,6 +90,8 @@ class Controller:
         if event_type == "DELETED":
             self.jobs.pop(key, None)
             self.pods.pop(key, None)
+            self.workloads.pop(key, None)
+            self._waiting_capacity.discard(key)
             self._failures.pop(key, None)
             self._status_written.pop(key, None)
             timer = self._timers.pop(key, None)
@@ -129,6 +138,11 @@ class Controller:
             if not self._held[node]:
                 del self._held[node]
         now = held_share(body) if body is not None else None
+        if before is not None and now is None:
+            # A share is free again: the jobs that found no room may fit now.
+            waiting, self._waiting_capacity = self._waiting_capacity, set()
+            for key in waiting:
+                self.enqueue(key)
         if now is not None:
             self._pod_holds[pod] = now
             node, shares = now
@@ -151,8 +165,51 @@ class Controller:
         if node != before:
             # Capacity changed: jobs still waiting for a place may fit now.
             for key, job in self.jobs.items():
-                if (job.get("status") or {}).get("phase") in (None, "Pending"):
+                if (job.get("status") or {}).get("phase") in (None, "Pending", "Suspended"):
                     self.enqueue(key)
+
+    def on_workload(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        """A Kueue Workload of one of our jobs (labelled with it, owned by it)."""
+        metadata = body.get("metadata") or {}
+        job_name = (metadata.get("labels") or {}).get(LABEL_JOB)
+        if not job_name:
+            return
+        key = (str(metadata.get("namespace")), str(job_name))
+        job = self.jobs.get(key)
+        owned = any(
+            ref.get("uid") == ((job or {}).get("metadata") or {}).get("uid")
+            for ref in metadata.get("ownerReferences") or []
+        )
+        if event_type == "DELETED":
+            if (self.workloads.get(key) or {}).get("metadata", {}).get("uid") == metadata.get(
+                "uid"
+            ):
+                del self.workloads[key]
+        elif owned:
+            self.workloads[key] = _cached(body)
+        if job is not None:
+            self.enqueue(key)
+
+    def on_kueue_object(self, kind: str, event_type: str | None, body: Mapping[str, Any]) -> None:
+        """A ResourceFlavor or a WorkloadPriorityClass: the queued jobs look again."""
+        if self.kueue is None:
+            return
+        name = str((body.get("metadata") or {}).get("name"))
+        flavors = dict(self.kueue.flavors)
+        priorities = dict(self.kueue.priorities)
+        if kind == "ResourceFlavor":
+            flavors.pop(name, None)
+            if event_type != "DELETED":
+                flavors[name] = parse_flavor(body)
+        else:
+            priorities.pop(name, None)
+            value = body.get("value")
+            if event_type != "DELETED" and isinstance(value, int):
+                priorities[name] = value
+        self.kueue = KueueObjects(flavors, priorities)
+        for key, job in self.jobs.items():
+            if queue_name(job) is not None:
+                self.enqueue(key)
 
     # -- queue --------------------------------------------------------------------------------
 
@@ -269,7 +326,12 @@ class Controller:
             self.free_nodes(),
             datetime.now(UTC),
             dict(self._pod_jobs.get(namespace) or {}),
+            list(self.nodes.values()),
+            self.workloads.get(key),
+            self.kueue,
         )
+        if decision.waits_for_capacity:
+            self._waiting_capacity.add(key)
         if decision.create:
             log.info(
                 "%s/%s: creating %s",
@@ -288,6 +350,8 @@ class Controller:
                 refused.append((child, created))
             elif isinstance(created, BaseException):
                 raise created
+            elif child["kind"] == "Workload" and created is not None:
+                self.workloads[key] = _cached(created)
             elif child["kind"] == "Pod":
                 if created is not None:
                     self.pods[key][child["metadata"]["name"]] = _cached(created)
@@ -333,6 +397,19 @@ class Controller:
         for pod in decision.delete_pods:
             log.info("%s/%s: deleting pod %s (job %s)", namespace, name, pod, decision.phase)
         await _all(self.api.delete_pod(namespace, pod) for pod in decision.delete_pods)
+        workload = self.workloads.get(key)
+        if decision.delete_workload:
+            log.info("%s/%s: deleting Workload %s", namespace, name, decision.delete_workload)
+            await self.api.delete_workload(namespace, decision.delete_workload)
+        elif decision.workload_status and workload is not None:
+            patched = await self.api.patch_workload_status(
+                namespace,
+                workload["metadata"]["name"],
+                decision.workload_status,
+                workload["metadata"].get("resourceVersion"),
+            )
+            if patched is not None and self.workloads.get(key) is workload:
+                self.workloads[key] = _cached(patched)
         wait = self._refresh_wait(key, decision.status_patch)
         if wait > 0:
             decision.requeue(wait)
@@ -402,9 +479,14 @@ def _timed_decide(
     nodes: list[GpuNode],
     now: datetime,
     pod_jobs: dict[str, str],
+    capacity: list[GpuNode],
+    workload: Mapping[str, Any] | None,
+    kueue: KueueObjects | None,
 ) -> Decision:
     started = time.perf_counter()
-    decision = decide(body, pods, nodes, now, pod_jobs)
+    decision = decide(
+        body, pods, nodes, now, pod_jobs, capacity=capacity, workload=workload, kueue=kueue
+    )
     took = time.perf_counter() - started
     metrics.DECIDE_SECONDS.observe(took)
     if took > SLOW_DECIDE_SECONDS:

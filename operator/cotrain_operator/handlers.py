@@ -20,8 +20,12 @@ from cotrain_operator.api.models import GROUP, PLURAL, VERSION
 from cotrain_operator.controller import Controller
 from cotrain_operator.k8s import KubeApi, load_config
 from cotrain_operator.reconcile.children import LABEL_JOB
+from cotrain_operator.reconcile.queueing import KUEUE_GROUP, KUEUE_VERSION
 
 CONTROLLER_KEY = "controller"
+# Queue jobs labelled kueue.x-k8s.io/queue-name with Kueue (set by deploy/components/kueue,
+# which also grants the operator its verbs on Kueue's objects).
+KUEUE = os.environ.get("COTRAIN_KUEUE", "").lower() in ("1", "true", "yes")
 
 
 # kopf's finalizer, under our group as all of kopf's state. None of our handlers needs one, so kopf
@@ -69,7 +73,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # and drops the others client-side, after parsing them and keeping a memory of each.
     settings.watching.label_selectors["", "v1", "pods"] = LABEL_JOB
     load_config()
-    controller = Controller(KubeApi(), workers=int(os.environ.get("COTRAIN_WORKERS", "16")))
+    if KUEUE:
+        settings.watching.label_selectors[KUEUE_GROUP, KUEUE_VERSION, "workloads"] = LABEL_JOB
+    controller = Controller(
+        KubeApi(), workers=int(os.environ.get("COTRAIN_WORKERS", "16")), kueue=KUEUE
+    )
     controller.start()
     memo[CONTROLLER_KEY] = controller
     port = int(os.environ.get("COTRAIN_METRICS_PORT", "8080"))
@@ -98,6 +106,23 @@ async def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.event("", "v1", "nodes")
 async def node_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     memo[CONTROLLER_KEY].on_node(event.get("type"), event["object"])
+
+
+if KUEUE:
+
+    @kopf.on.event(KUEUE_GROUP, KUEUE_VERSION, "workloads", labels={LABEL_JOB: kopf.PRESENT})
+    async def workload_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        memo[CONTROLLER_KEY].on_workload(event.get("type"), event["object"])
+
+    @kopf.on.event(KUEUE_GROUP, KUEUE_VERSION, "resourceflavors")
+    async def flavor_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        memo[CONTROLLER_KEY].on_kueue_object("ResourceFlavor", event.get("type"), event["object"])
+
+    @kopf.on.event(KUEUE_GROUP, KUEUE_VERSION, "workloadpriorityclasses")
+    async def priority_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        memo[CONTROLLER_KEY].on_kueue_object(
+            "WorkloadPriorityClass", event.get("type"), event["object"]
+        )
 
 
 @kopf.on.probe(id="queue")

@@ -55,6 +55,7 @@ COLLECTIONS = {
     "ServiceAccount": ("/api/v1", "serviceaccounts"),
     "Service": ("/api/v1", "services"),
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
+    "Workload": ("/apis/kueue.x-k8s.io/v1beta2", "workloads"),
 }
 JOBS_PATH = f"/apis/{GROUP}/{VERSION}"
 ADMISSION_PATH = "/apis/admissionregistration.k8s.io/v1"
@@ -146,6 +147,31 @@ class KubeApi:
             if error.status != 404:
                 raise
 
+    async def delete_workload(self, namespace: str, name: str) -> None:
+        prefix, plural = COLLECTIONS["Workload"]
+        path = f"{prefix}/namespaces/{namespace}/{plural}/{name}"
+        try:
+            await self._call("delete", "workload", lambda: self._request("DELETE", path))
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+    async def patch_workload_status(
+        self,
+        namespace: str,
+        name: str,
+        status: Mapping[str, Any],
+        resource_version: str | None,
+    ) -> dict[str, Any] | None:
+        """Merge-patch a Kueue Workload's status, as `patch_status` does the job's."""
+        prefix, plural = COLLECTIONS["Workload"]
+        return await self._patch_status(
+            f"{prefix}/namespaces/{namespace}/{plural}/{name}/status",
+            "workloads/status",
+            status,
+            resource_version,
+        )
+
     async def patch_status(
         self,
         namespace: str,
@@ -154,22 +180,30 @@ class KubeApi:
         resource_version: str | None,
     ) -> dict[str, Any] | None:
         """Merge-patch the job's status; ConflictError if it changed since `resource_version`."""
+        path = f"{JOBS_PATH}/namespaces/{namespace}/{PLURAL}/{name}/status"
+        return await self._patch_status(path, f"{PLURAL}/status", status, resource_version)
+
+    async def _patch_status(
+        self,
+        path: str,
+        resource: str,
+        status: Mapping[str, Any],
+        resource_version: str | None,
+    ) -> dict[str, Any] | None:
         body: dict[str, Any] = {"status": dict(status)}
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
-        path = f"{JOBS_PATH}/namespaces/{namespace}/{PLURAL}/{name}/status"
         try:
             patched = await self._call(
                 "patch",
-                f"{PLURAL}/status",
+                resource,
                 lambda: self._request(
                     "PATCH", path, body, {"fieldManager": FIELD_MANAGER}, MERGE_PATCH
                 ),
             )
         except ApiException as error:
             if error.status == 409:
-                changed = f"{namespace}/{name} changed since {resource_version}"
-                raise ConflictError(changed) from error
+                raise ConflictError(f"{path} changed since {resource_version}") from error
             if error.status == 404:
                 return None
             raise

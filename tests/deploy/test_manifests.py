@@ -294,6 +294,44 @@ def test_the_service_monitor_component_scrapes_the_metrics_service(
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
 
 
+def test_the_kueue_component_turns_queueing_on_with_least_privilege(
+    kubectl: Path, tmp_path: Path
+) -> None:
+    shutil.copytree(DEPLOY, tmp_path / "deploy")
+    shutil.copytree(ROOT / "crds", tmp_path / "crds")
+    (tmp_path / "queued").mkdir()
+    (tmp_path / "queued/kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        "resources: [../deploy/overlays/production]\n"
+        "components: [../deploy/components/kueue]\n"
+    )
+    result = subprocess.run(
+        [str(kubectl), "kustomize", str(tmp_path / "queued")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    documents = load_documents(result.stdout)
+    env = env_of(operator_container(documents))
+    assert env["COTRAIN_KUEUE"] == "true"
+    assert env["COTRAIN_WORKERS"] == "8"  # the overlay's own settings survive the component
+    role = find(documents, "ClusterRole", "cotrain-operator-kueue")
+    verbs = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"]
+             for r in rule["resources"]}  # fmt: skip
+    assert verbs == {
+        ("kueue.x-k8s.io", "workloads"): {"get", "list", "watch", "create", "delete"},
+        ("kueue.x-k8s.io", "workloads/status"): {"patch"},
+        ("kueue.x-k8s.io", "resourceflavors"): {"get", "list", "watch"},
+        ("kueue.x-k8s.io", "workloadpriorityclasses"): {"get", "list", "watch"},
+    }
+    binding = find(documents, "ClusterRoleBinding", "cotrain-operator-kueue")
+    account = operator_deployment(documents)["spec"]["template"]["spec"]["serviceAccountName"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account, "namespace": "cotrain-system"}
+    ]
+
+
 # --------------------------------------------------------------------------------------------
 # images
 

@@ -51,6 +51,21 @@ from cotrain_operator.reconcile.placement import (
     place,
     pod_groups,
 )
+from cotrain_operator.reconcile.queueing import (
+    QUEUE_LABEL,
+    REASON_KUEUE_DISABLED,
+    REASON_NOT_QUEUEABLE,
+    KueueObjects,
+    assigned_flavors,
+    build_workload,
+    condition_true,
+    finished_patch,
+    pod_set_name,
+    queue_name,
+    release_patch,
+    shape,
+    waiting_message,
+)
 from cotrain_operator.reconcile.status import (
     CONDITION_TYPES,
     merge_patch,
@@ -85,6 +100,11 @@ class Decision:
     requeue_after: float | None = None
     events: list[Event] = field(default_factory=list)
     phase: str | None = None
+    # No node has room for a pod the job needs now: look again once a GPU share is released.
+    waits_for_capacity: bool = False
+    # The job's Kueue Workload: a merge patch of its status, or its name to delete it.
+    workload_status: dict[str, Any] = field(default_factory=dict)
+    delete_workload: str | None = None
 
     def requeue(self, seconds: float) -> None:
         seconds = max(0.5, seconds)
@@ -218,18 +238,32 @@ def decide(
     nodes: Sequence[GpuNode],
     now: datetime,
     pod_jobs: Mapping[str, str] | None = None,
+    *,
+    capacity: Sequence[GpuNode] | None = None,
+    workload: Mapping[str, Any] | None = None,
+    kueue: KueueObjects | None = None,
 ) -> Decision:
     """Everything the operator should do for one job given what it observes now.
 
     `pod_jobs`: the job of each trainer pod the operator sees in the job's namespace, by pod
-    name, so that a pod name another job's pod already has is not asked for again."""
+    name, so that a pod name another job's pod already has is not asked for again.
+    `capacity`: the GPU nodes as they are, before our pods' shares are taken off (`nodes`);
+    what a queued job's Workload asks for is planned on them. `workload`: the job's Kueue
+    Workload; `kueue`: the cluster's Kueue objects, None when the operator does not queue."""
     metadata = body.get("metadata") or {}
     generation = metadata.get("generation")
     status = observed_status(body)
     phase = status.get("phase")
 
     if phase in TERMINAL and not _reopened(status, generation):
-        return _finished(body, status, pods, now)
+        ended = _finished(body, status, pods, now)
+        if workload is not None and not condition_true(workload, "Finished"):
+            conditions = status.get("conditions") or []
+            ending: Mapping[str, Any] = next((c for c in conditions if c.get("type") == phase), {})
+            message = str(ending.get("message") or phase)
+            succeeded = phase == JobPhase.SUCCEEDED.value
+            ended.workload_status = finished_patch(workload, succeeded, message, now)
+        return ended
 
     try:
         job = parse_job(
@@ -239,7 +273,18 @@ def decide(
         message = "the spec is invalid: " + "; ".join(str(v) for v in error.violations)
         return _failed(body, REASON_INVALID_SPEC, message, generation, now, pods)
 
-    if job.spec.run_policy.suspend:
+    # What Kueue's admission adds to the pods: its ResourceFlavors' node labels and tolerations.
+    flavor_labels: dict[str, str] = {}
+    tolerations: list[Mapping[str, Any]] = []
+    queue = queue_name(body)
+    if queue is not None:
+        gate = _queue_gate(
+            body, job, status, pods, capacity or nodes, generation, now, queue, workload, kueue
+        )
+        if isinstance(gate, Decision):
+            return gate
+        job, flavor_labels, tolerations = gate
+    elif job.spec.run_policy.suspend:
         return _suspended(body, status, pods, generation, now)
 
     decision = Decision()
@@ -283,6 +328,7 @@ def decide(
         placement = place(job, list(nodes))
 
     if isinstance(placement, Unschedulable):
+        decision.waits_for_capacity = True
         conditions = set_condition(
             conditions, "Schedulable", False, placement.reason, placement.message, generation, now
         )
@@ -360,6 +406,10 @@ def decide(
         desired["sharing"] = {"node": node}
     decision.status_patch = merge_patch(status, desired)
     decision.phase = job_phase
+    for child in decision.create:
+        if child["kind"] == "Pod" and (flavor_labels or tolerations):
+            child["spec"]["tolerations"].extend(dict(t) for t in tolerations)
+            child["spec"]["nodeSelector"] = dict(flavor_labels)
     if finished:
         decision.delete_pods = _unfinished_pods(groups, member_status, job_phase)
     # An Event for every phase transition. A new job's first phase, Pending, is not one: its
@@ -480,13 +530,16 @@ def _suspended(
     pods: Sequence[Mapping[str, Any]],
     generation: int | None,
     now: datetime,
+    reason: str = "Suspended",
+    message: str = "spec.runPolicy.suspend is true: the job has no pods until it is cleared",
 ) -> Decision:
+    """No pods: suspended by its spec, or held until Kueue admits it (`reason` says which)."""
     decision = Decision(phase=JobPhase.SUSPENDED.value)
-    message = "spec.runPolicy.suspend is true: the job has no pods until it is cleared"
+    message = message[:MAX_MESSAGE]
     conditions = list(status.get("conditions") or [])
-    conditions = set_condition(conditions, "Admitted", False, "Suspended", message, generation, now)
-    conditions = set_condition(conditions, "Running", False, "Suspended", message, generation, now)
-    conditions = set_condition(conditions, "Suspended", True, "Suspended", message, generation, now)
+    conditions = set_condition(conditions, "Admitted", False, reason, message, generation, now)
+    conditions = set_condition(conditions, "Running", False, reason, message, generation, now)
+    conditions = set_condition(conditions, "Suspended", True, reason, message, generation, now)
     desired = {
         "phase": JobPhase.SUSPENDED.value,
         "conditions": conditions,
@@ -497,9 +550,99 @@ def _suspended(
     }
     decision.status_patch = merge_patch(status, desired)
     decision.delete_pods = [p["metadata"]["name"] for p in pods if _active(p)]
-    if status.get("phase") != JobPhase.SUSPENDED.value:
-        decision.events.append(Event("Normal", "Suspended", message))
+    was: Mapping[str, Any] = next(
+        (c for c in status.get("conditions") or [] if c.get("type") == "Suspended"), {}
+    )
+    if status.get("phase") != JobPhase.SUSPENDED.value or was.get("reason") != reason:
+        decision.events.append(Event("Normal", reason, message))
     return decision
+
+
+def _queue_gate(
+    body: Mapping[str, Any],
+    job: CoTrainJob,
+    status: Mapping[str, Any],
+    pods: Sequence[Mapping[str, Any]],
+    capacity: Sequence[GpuNode],
+    generation: int | None,
+    now: datetime,
+    queue: str,
+    workload: Mapping[str, Any] | None,
+    kueue: KueueObjects | None,
+) -> Decision | tuple[CoTrainJob, dict[str, str], list[Mapping[str, Any]]]:
+    """A queued job runs only while Kueue admits its Workload: the decision that holds it (and
+    keeps its Workload in step), or the job as admitted (the ResourceFlavors' node labels in
+    its placement.nodeSelector), and the node labels and tolerations its pods get."""
+
+    def held(reason: str, message: str) -> Decision:
+        return _suspended(body, status, pods, generation, now, reason, message)
+
+    running = [p for p in pods if _pod_phase(p) not in ("Succeeded", "Failed")]
+    if job.spec.run_policy.suspend:
+        decision = _suspended(body, status, pods, generation, now)
+        if workload is not None and not running:
+            decision.delete_workload = workload["metadata"]["name"]  # it leaves the queue
+        return decision
+    if kueue is None:
+        return held(
+            REASON_KUEUE_DISABLED,
+            f"label {QUEUE_LABEL}={queue} asks for Kueue, and this operator does not queue "
+            "jobs with it: install it with deploy/components/kueue (docs/kueue.md), or remove "
+            "the label",
+        )
+    if not condition_true(workload, "QuotaReserved"):
+        desired = _desired_workload(body, job, capacity, queue, kueue)
+        if isinstance(desired, Unschedulable):
+            return held(desired.reason, f"not queued: {desired.message}")
+        if isinstance(desired, str):
+            return held(REASON_NOT_QUEUEABLE, desired)
+        if workload is None:
+            decision = held(*waiting_message(queue, None))
+            decision.create.append(desired)
+            return decision
+        if shape(workload) != shape(desired):
+            # The job asks for something else now: it queues again with what it asks.
+            decision = held(*waiting_message(queue, None))
+            decision.delete_workload = workload["metadata"]["name"]
+            return decision
+    assert workload is not None
+    evicted = condition_true(workload, "Evicted")
+    if evicted or not condition_true(workload, "Admitted"):
+        decision = held(*waiting_message(queue, workload))
+        if evicted and condition_true(workload, "QuotaReserved") and not running:
+            decision.workload_status = release_patch(workload, now)
+        return decision
+    flavors = assigned_flavors(workload, kueue)
+    if isinstance(flavors, str):
+        decision = held(REASON_NOT_QUEUEABLE, flavors)
+        decision.requeue(5.0)
+        return decision
+    labels, tolerations = flavors
+    if labels:
+        selector = {**job.spec.placement.node_selector, **labels}
+        placement = job.spec.placement.model_copy(update={"node_selector": selector})
+        job = job.model_copy(update={"spec": job.spec.model_copy(update={"placement": placement})})
+    return job, labels, tolerations
+
+
+def _desired_workload(
+    body: Mapping[str, Any],
+    job: CoTrainJob,
+    capacity: Sequence[GpuNode],
+    queue: str,
+    kueue: KueueObjects,
+) -> dict[str, Any] | str | Unschedulable:
+    """The Workload of exactly the pods the job would create, planned on the nodes as they are
+    (Kueue's quota, not what is free now, decides when they may start)."""
+    placement = place(job, list(capacity))
+    if isinstance(placement, Unschedulable):
+        return placement
+    planned = []
+    for group in placement.groups:
+        pod = build_pod(body, job, placement, group, 0, {})
+        member = group.group.members[0].name
+        planned.append((pod_set_name(group.group.name, member, group.group.replica), pod))
+    return build_workload(body, planned, queue, kueue)
 
 
 def _observe(
