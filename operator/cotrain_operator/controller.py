@@ -169,25 +169,20 @@ class Controller:
                     self.enqueue(key)
 
     def on_workload(self, event_type: str | None, body: Mapping[str, Any]) -> None:
-        """A Kueue Workload of one of our jobs (labelled with it, owned by it)."""
+        """A Kueue Workload labelled with one of our jobs (whose it is, by owner, is checked
+        when the job is reconciled: the job's own event may come later)."""
         metadata = body.get("metadata") or {}
         job_name = (metadata.get("labels") or {}).get(LABEL_JOB)
         if not job_name:
             return
         key = (str(metadata.get("namespace")), str(job_name))
-        job = self.jobs.get(key)
-        owned = any(
-            ref.get("uid") == ((job or {}).get("metadata") or {}).get("uid")
-            for ref in metadata.get("ownerReferences") or []
-        )
         if event_type == "DELETED":
-            if (self.workloads.get(key) or {}).get("metadata", {}).get("uid") == metadata.get(
-                "uid"
-            ):
+            cached = self.workloads.get(key)
+            if cached is not None and cached["metadata"].get("uid") == metadata.get("uid"):
                 del self.workloads[key]
-        elif owned:
+        else:
             self.workloads[key] = _cached(body)
-        if job is not None:
+        if key in self.jobs:
             self.enqueue(key)
 
     def on_kueue_object(self, kind: str, event_type: str | None, body: Mapping[str, Any]) -> None:
@@ -327,7 +322,7 @@ class Controller:
             datetime.now(UTC),
             dict(self._pod_jobs.get(namespace) or {}),
             list(self.nodes.values()),
-            self.workloads.get(key),
+            _owned(self.workloads.get(key), body),
             self.kueue,
         )
         if decision.waits_for_capacity:
@@ -492,6 +487,16 @@ def _timed_decide(
     if took > SLOW_DECIDE_SECONDS:
         log.warning("%s/%s: deciding took %.1fs", *key, took)
     return decision
+
+
+def _owned(workload: Mapping[str, Any] | None, job: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The Workload if `job` (this very object, by uid) owns it: one left by an earlier job of
+    the same name is not this job's, and goes with that job."""
+    if workload is None:
+        return None
+    uid = (job.get("metadata") or {}).get("uid")
+    owners = (workload.get("metadata") or {}).get("ownerReferences") or []
+    return workload if any(o.get("uid") == uid for o in owners) else None
 
 
 def _server_message(error: ApiException) -> str:

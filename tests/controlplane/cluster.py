@@ -469,6 +469,7 @@ class ControlPlane:
         as_groups: Sequence[str] = (),
         kubeconfig: Path | None = None,
         timeout: float = 60.0,
+        cwd: Path | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run the built kubectl against this control plane (admin unless told otherwise)."""
         argv = [str(self.bin_dir / "kubectl"), f"--kubeconfig={kubeconfig or self.kubeconfig}"]
@@ -483,6 +484,7 @@ class ControlPlane:
             text=True,
             env=self.kubectl_env(),
             timeout=timeout,
+            cwd=cwd,
         )
         if check and proc.returncode != 0:
             raise KubectlError(proc.returncode, argv, proc.stdout, proc.stderr)

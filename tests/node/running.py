@@ -10,12 +10,44 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from tests.controlplane.cluster import ControlPlane
 from tests.controlplane.images import LocalImage
 from tests.fixtures.kube import install_cotrain
 from tests.fixtures.operator_process import OperatorProcess
 from tests.node.conftest import RealNode
 from tests.node.waiting import get_json, until
+
+
+def with_local_images(
+    kustomization: dict[str, Any], operator: LocalImage, trainer: LocalImage
+) -> dict[str, Any]:
+    """A kustomization that installs the operator with the images built here instead of the
+    released ones (the node has no registry): the one change a test makes to a user's overlay."""
+    name, tag = operator.ref.rsplit(":", 1)
+    patch = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "cotrain-operator", "namespace": "cotrain-system"},
+        "spec": {
+            "template": {
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "operator",
+                            "env": [{"name": "COTRAIN_TRAINER_IMAGE", "value": trainer.ref}],
+                        }
+                    ]
+                }
+            }
+        },
+    }
+    return {
+        **kustomization,
+        "images": [{"name": "ghcr.io/cotrain/operator", "newName": name, "newTag": tag}],
+        "patches": [*kustomization.get("patches", []), {"patch": yaml.safe_dump(patch)}],
+    }
 
 
 def events(cp: ControlPlane, ns: str) -> str:
@@ -34,10 +66,11 @@ def host_operator(
     ns: str,
     work: Path,
     kubeconfig: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[OperatorProcess]:
     """The real operator as a host process for ``ns``, as deploy/'s ServiceAccount (through
     ``kubeconfig`` when given, e.g. a fault proxy's), its pods in ``trainer_image`` (None: an
-    image the node lacks, for a test whose pods need not run)."""
+    image the node lacks, for a test whose pods need not run), ``env`` added to its own."""
     cp = real_node.control_plane
     install_cotrain(cp)
     if kubeconfig is None:
@@ -45,7 +78,7 @@ def host_operator(
             "cotrain-system", "cotrain-operator", create=False, duration="1h"
         )
     image = {"trainer_image": trainer_image.ref} if trainer_image else {}
-    with OperatorProcess(kubeconfig, work, namespace=ns, **image) as operator:
+    with OperatorProcess(kubeconfig, work, namespace=ns, env=env, **image) as operator:
         yield operator
 
 

@@ -20,6 +20,7 @@ from tests.controlplane.cluster import ControlPlane
 from tests.controlplane.images import LocalImage
 from tests.fixtures.jobs import a_job
 from tests.node.conftest import RealNode
+from tests.node.running import with_local_images
 from tests.node.waiting import get_json as _get
 from tests.node.waiting import until as _until
 
@@ -43,33 +44,15 @@ def _ready(pod: dict[str, Any]) -> bool:
 def _test_overlay(d: Path, operator: LocalImage, trainer: LocalImage) -> Path:
     """deploy/overlays/production with this machine's images: what a user's overlay would do."""
     d.mkdir(parents=True, exist_ok=True)
-    name, tag = operator.ref.rsplit(":", 1)
     production = os.path.relpath(ROOT / "deploy" / "overlays" / "production", d)
-    patch = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": OPERATOR, "namespace": SYSTEM},
-        "spec": {
-            "template": {
-                "spec": {
-                    "containers": [
-                        {
-                            "name": "operator",
-                            "env": [{"name": "COTRAIN_TRAINER_IMAGE", "value": trainer.ref}],
-                        }
-                    ]
-                }
-            }
-        },
-    }
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
         "resources": [production],
-        "images": [{"name": "ghcr.io/cotrain/operator", "newName": name, "newTag": tag}],
-        "patches": [{"patch": yaml.safe_dump(patch)}],
     }
-    (d / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    (d / "kustomization.yaml").write_text(
+        yaml.safe_dump(with_local_images(kustomization, operator, trainer))
+    )
     return d
 
 

@@ -321,7 +321,10 @@ def test_a_local_gpu_gets_budgets_and_auto_resolves_from_it() -> None:
     assert local.plan.budgets["torch"].memory_bytes == 2 * GIB
     assert local.plan.budgets["tf"].memory_bytes == 38 * GIB
     assert local.plan.budgets["tf"].cpu_threads == 4
-    assert "spec.runPolicy.suspend is ignored by cotrain run" in local.notes
+    policy = job.spec.run_policy.model_copy(update={"suspend": True})
+    suspended = job.model_copy(update={"spec": job.spec.model_copy(update={"run_policy": policy})})
+    notes = local_plan(suspended, [a100], cores=8).notes
+    assert "spec.runPolicy.suspend is ignored by cotrain run" in notes
     mig = GpuDevice(
         index=0, name="H100", uuid="GPU-2", total_memory_bytes=80 * GIB, mig_enabled=True
     )

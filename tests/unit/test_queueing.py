@@ -42,7 +42,7 @@ def _requests(resources: dict[str, Any]) -> Counter[str]:
     """What Kueue charges for one container: its requests, a limit without a request for the
     rest (extended resources are given as limits)."""
     asked = {**(resources.get("limits") or {}), **(resources.get("requests") or {})}
-    return Counter({k: parse_quantity(v) for k, v in asked.items()})  # type: ignore[misc]
+    return Counter({k: parse_quantity(v) for k, v in asked.items()})
 
 
 def charged(workload: dict[str, Any]) -> Counter[str]:

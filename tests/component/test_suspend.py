@@ -1,10 +1,11 @@
-"""Kueue-style admission against the real operator and API server: `spec.runPolicy.suspend` is the
-gate (docs/kueue.md).
+"""`spec.runPolicy.suspend` against the real operator and API server: the gate a person, a CI
+step or a workflow engine holds. A suspended job has no pods and costs the namespace nothing;
+resuming it places it (with a nodeSelector that may have changed meanwhile); suspending it again
+stops its pods and keeps its restart counts.
 
-There is no Kueue here: the tests do what its job integration does to a workload it manages.
-A queued job is created suspended with a `kueue.x-k8s.io/queue-name` label; admission clears
-suspend and injects the ResourceFlavor's node labels into the node selector; preemption sets
-suspend again and takes the injected labels back out.
+Queueing with Kueue is not this gate: a job labelled `kueue.x-k8s.io/queue-name` waits for
+Kueue to admit its Workload (tests/node/test_kueue.py, with the real Kueue). Under an operator
+that does not queue with Kueue, such a job is held and says how to queue it.
 """
 
 from __future__ import annotations
@@ -22,15 +23,12 @@ from tests.fixtures.kube import Kube, wait_for
 pytestmark = pytest.mark.usefixtures("operator")
 
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-FLAVOR_LABEL = "cloud.example.com/gpu-flavor"
+POOL_LABEL = "cloud.example.com/gpu-pool"
 HOLD_SECONDS = 3.0
 
 
-def queued(builder: JobBuilder, queue: str = "team-a") -> dict[str, Any]:
-    """A job as a user submits it to a Kueue LocalQueue: labelled and suspended."""
-    document = builder.run_policy(suspend=True).build()
-    document["metadata"]["labels"] = {QUEUE_LABEL: queue}
-    return document
+def suspended(builder: JobBuilder) -> dict[str, Any]:
+    return builder.run_policy(suspend=True).build()
 
 
 def hold_without_pods(kube: Kube, namespace: str, name: str) -> None:
@@ -42,16 +40,18 @@ def hold_without_pods(kube: Kube, namespace: str, name: str) -> None:
 
 
 def assert_nothing_created(kube: Kube, namespace: str, name: str) -> None:
-    """A job never admitted has no pod, and the (fresh) namespace no trainer identity either: a
-    queue costs the cluster nothing."""
+    """A job never resumed has no pod, and the (fresh) namespace no trainer identity either: a
+    held job costs the cluster nothing."""
     assert kube.pods(namespace, name) == []
     with pytest.raises(ApiException) as missing:
         kube.core.read_namespaced_service_account("cotrain-trainer", namespace)
     assert missing.value.status == 404
 
 
-def admit(kube: Kube, namespace: str, name: str, node_labels: dict[str, str] | None = None) -> None:
-    """What Kueue does on admission: clear suspend, add the flavor's nodeLabels to the selector."""
+def resume(
+    kube: Kube, namespace: str, name: str, node_labels: dict[str, str] | None = None
+) -> None:
+    """Clear suspend, adding `node_labels` to the job's nodeSelector."""
     spec: dict[str, Any] = {"runPolicy": {"suspend": False}}
     if node_labels:
         spec["placement"] = {"nodeSelector": node_labels}
@@ -66,68 +66,65 @@ def hostnames(pod: dict[str, Any]) -> list[str]:
     return expression["values"]  # type: ignore[no-any-return]
 
 
-def test_a_queued_job_waits_without_pods_until_admitted(
+def test_a_suspended_job_waits_without_pods_until_resumed(
     kube: Kube, namespace: str, make_node: Callable[..., str], job: Callable[[str], JobBuilder]
 ) -> None:
     make_node(sharing="time-slicing", replicas=4, renamed=True)
-    kube.create_job(namespace, queued(job("queued")))
+    kube.create_job(namespace, suspended(job("held")))
 
-    status = kube.wait_phase(namespace, "queued", "Suspended")
+    status = kube.wait_phase(namespace, "held", "Suspended")
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Suspended"]["status"] == "True"
     assert conditions["Admitted"]["status"] == "False"
     assert "startTime" not in status
-    hold_without_pods(kube, namespace, "queued")
-    assert_nothing_created(kube, namespace, "queued")
+    hold_without_pods(kube, namespace, "held")
+    assert_nothing_created(kube, namespace, "held")
 
-    admit(kube, namespace, "queued")
-    names = wait_for("the pod", lambda: kube.pod_names(namespace, "queued"))
-    assert names == ["queued-gpu-0"]
-    status = kube.wait_phase(namespace, "queued", "Pending")
+    resume(kube, namespace, "held")
+    names = wait_for("the pod", lambda: kube.pod_names(namespace, "held"))
+    assert names == ["held-gpu-0"]
+    status = kube.wait_phase(namespace, "held", "Pending")
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Admitted"]["status"] == "True"
     assert conditions["Suspended"]["status"] == "False"
     assert status["startTime"]
-    # The quota Kueue would have charged: one unit of the share resource for the pod.
-    (container,) = kube.pods(namespace, "queued")[0]["spec"]["containers"]
+    (container,) = kube.pods(namespace, "held")[0]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu.shared"] == "1"
 
 
-def test_admission_to_a_flavor_pins_the_pod_to_that_flavors_nodes(
+def test_a_selector_changed_while_suspended_pins_the_pod_to_those_nodes(
     kube: Kube, namespace: str, make_node: Callable[..., str], job: Callable[[str], JobBuilder]
 ) -> None:
     make_node(sharing="time-slicing", replicas=4)
-    flavored = make_node(
-        sharing="time-slicing", replicas=4, extra_labels={FLAVOR_LABEL: "l4-shared"}
-    )
-    kube.create_job(namespace, queued(job("flavored")))
+    flavored = make_node(sharing="time-slicing", replicas=4, extra_labels={POOL_LABEL: "l4-shared"})
+    kube.create_job(namespace, suspended(job("flavored")))
     kube.wait_phase(namespace, "flavored", "Suspended")
     hold_without_pods(kube, namespace, "flavored")
     assert_nothing_created(kube, namespace, "flavored")
 
-    admit(kube, namespace, "flavored", {FLAVOR_LABEL: "l4-shared"})
+    resume(kube, namespace, "flavored", {POOL_LABEL: "l4-shared"})
     wait_for("the pod", lambda: kube.pod_names(namespace, "flavored"))
     (pod,) = kube.pods(namespace, "flavored")
     assert hostnames(pod) == [flavored]
-    # The flavor's label joined the test pool's selector; it did not replace it.
+    # The label joined the test pool's selector; it did not replace it.
     selector = kube.job(namespace, "flavored")["spec"]["placement"]["nodeSelector"]
-    assert selector == {"cotrain.test/pool": namespace, FLAVOR_LABEL: "l4-shared"}
+    assert selector == {"cotrain.test/pool": namespace, POOL_LABEL: "l4-shared"}
 
 
-def test_preemption_suspends_the_job_and_readmission_moves_it_to_the_new_flavor(
+def test_suspending_again_stops_the_pods_and_resuming_moves_them_to_the_new_selector(
     kube: Kube, namespace: str, make_node: Callable[..., str], job: Callable[[str], JobBuilder]
 ) -> None:
-    first = make_node(sharing="time-slicing", replicas=4, extra_labels={FLAVOR_LABEL: "a"})
-    second = make_node(sharing="time-slicing", replicas=4, extra_labels={FLAVOR_LABEL: "b"})
-    kube.create_job(namespace, queued(job("moved")))
+    first = make_node(sharing="time-slicing", replicas=4, extra_labels={POOL_LABEL: "a"})
+    second = make_node(sharing="time-slicing", replicas=4, extra_labels={POOL_LABEL: "b"})
+    kube.create_job(namespace, suspended(job("moved")))
     kube.wait_phase(namespace, "moved", "Suspended")
-    admit(kube, namespace, "moved", {FLAVOR_LABEL: "a"})
+    resume(kube, namespace, "moved", {POOL_LABEL: "a"})
     wait_for("the pod on flavor a", lambda: kube.pod_names(namespace, "moved"))
     kube.run_pod(namespace, "moved-gpu-0", first)
     kube.wait_phase(namespace, "moved", "Running")
 
-    # Preemption: suspend again, and restore the selector as it was before admission.
-    restore = {"nodeSelector": {FLAVOR_LABEL: None}}
+    # Suspend again, and take the label back out of the selector.
+    restore = {"nodeSelector": {POOL_LABEL: None}}
     kube.patch_job(
         namespace, "moved", {"spec": {"runPolicy": {"suspend": True}, "placement": restore}}
     )
@@ -136,21 +133,21 @@ def test_preemption_suspends_the_job_and_readmission_moves_it_to_the_new_flavor(
     kube.finish_deletions(namespace)  # the kubelet's part
     hold_without_pods(kube, namespace, "moved")
 
-    admit(kube, namespace, "moved", {FLAVOR_LABEL: "b"})
+    resume(kube, namespace, "moved", {POOL_LABEL: "b"})
     wait_for("the pod on flavor b", lambda: kube.pod_names(namespace, "moved"))
     (pod,) = kube.pods(namespace, "moved")
     assert hostnames(pod) == [second]
     kube.wait_phase(namespace, "moved", "Pending")
 
 
-def test_a_suspended_job_with_no_node_for_its_flavor_waits_unschedulable(
+def test_a_job_resumed_to_a_selector_no_node_has_waits_unschedulable(
     kube: Kube, namespace: str, make_node: Callable[..., str], job: Callable[[str], JobBuilder]
 ) -> None:
-    """An admission to a flavor no node carries is visible, and creates nothing."""
+    """Resumed with a selector no node matches: visible, and nothing is created."""
     make_node(sharing="time-slicing", replicas=4)
-    kube.create_job(namespace, queued(job("nowhere")))
+    kube.create_job(namespace, suspended(job("nowhere")))
     kube.wait_phase(namespace, "nowhere", "Suspended")
-    admit(kube, namespace, "nowhere", {FLAVOR_LABEL: "missing"})
+    resume(kube, namespace, "nowhere", {POOL_LABEL: "missing"})
     condition = wait_for(
         "Schedulable=False",
         lambda: (
@@ -159,5 +156,21 @@ def test_a_suspended_job_with_no_node_for_its_flavor_waits_unschedulable(
             and c
         ),
     )
-    assert FLAVOR_LABEL in condition["message"]
+    assert POOL_LABEL in condition["message"]
     assert kube.pod_names(namespace, "nowhere") == []
+
+
+def test_a_job_labelled_with_a_queue_is_held_by_an_operator_that_does_not_queue(
+    kube: Kube, namespace: str, make_node: Callable[..., str], job: Callable[[str], JobBuilder]
+) -> None:
+    make_node(sharing="time-slicing", replicas=4)
+    document = job("labelled").build()
+    document["metadata"]["labels"] = {QUEUE_LABEL: "team-a"}
+    kube.create_job(namespace, document)
+    kube.wait_phase(namespace, "labelled", "Suspended")
+    admitted = kube.condition(namespace, "labelled", "Admitted")
+    assert admitted["status"] == "False"
+    assert admitted["reason"] == "KueueNotEnabled"
+    assert "deploy/components/kueue" in admitted["message"]
+    hold_without_pods(kube, namespace, "labelled")
+    assert_nothing_created(kube, namespace, "labelled")
