@@ -346,7 +346,11 @@ class Controller:
             elif isinstance(created, BaseException):
                 raise created
             elif child["kind"] == "Workload" and created is not None:
-                self.workloads[key] = _cached(created)
+                # The watch may have brought it already, with Kueue's admission on it: the
+                # answer to the create is older than that.
+                known = self.workloads.get(key)
+                if known is None or known["metadata"].get("uid") != created["metadata"].get("uid"):
+                    self.workloads[key] = _cached(created)
             elif child["kind"] == "Pod":
                 if created is not None:
                     self.pods[key][child["metadata"]["name"]] = _cached(created)

@@ -240,7 +240,7 @@ class Builder:
             "push", "--quiet", "--compression-format=zstd", ref, f"oci-archive:{tmp_archive}:{ref}"
         )  # fmt: skip
         tmp_archive.replace(archive)
-        self._drop_older(image, ref)
+        self._drop_older(image, ref, archive)
         return LocalImage(ref, archive)
 
     def tidy(self, *, prune: bool) -> None:
@@ -271,10 +271,11 @@ class Builder:
         volumes.append(f"{conf}:/etc/pip.conf:ro")
         return volumes
 
-    def _drop_older(self, image: ProjectImage, keep: str) -> None:
-        """Remove this image's older archives and tags; buildah's layer cache stays."""
+    def _drop_older(self, image: ProjectImage, keep: str, archive: Path) -> None:
+        """Remove this image's older archives and tags; buildah's layer cache stays. What was
+        just built is kept by name: its inputs may have changed while it was built."""
         for old in cache_dir().glob(f"{image.name}-*.oci.tar"):
-            if old != image.archive():
+            if old != archive:
                 old.unlink(missing_ok=True)
         refs = self.buildah("images", "--format={{.Name}}:{{.Tag}}", capture=True).split()
         for old_ref in refs:

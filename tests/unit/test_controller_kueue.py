@@ -79,3 +79,33 @@ def test_a_workload_of_an_earlier_job_of_the_same_name_is_not_this_jobs() -> Non
     assert "Pod" not in kinds
     assert "Workload" in kinds
     assert controller.workloads[KEY]["metadata"]["ownerReferences"][0]["uid"] == "u1"
+
+
+def test_an_admission_the_watch_brings_before_the_create_returns_is_not_lost() -> None:
+    class RacingApi(FakeApi):
+        controller: Controller
+
+        async def create(self, body: Any) -> dict[str, Any] | None:
+            created = await super().create(body)
+            if body["kind"] == "Workload":
+                admitted = _workload("u1", admitted=True)
+                admitted["metadata"]["uid"] = created["metadata"]["uid"] = "w1"  # type: ignore[index]
+                self.controller.on_workload("MODIFIED", admitted)
+            return created
+
+    async def run() -> Controller:
+        api = RacingApi(None)
+        controller = Controller(api, workers=1, kueue=True)  # type: ignore[arg-type]
+        api.controller = controller
+        controller.on_kueue_object("ResourceFlavor", "ADDED", {"metadata": {"name": "default"}})
+        node = parse_node(gpu_node("n"))
+        assert node is not None
+        controller.nodes["n"] = node
+        controller.jobs[KEY] = _queued()
+        await controller._reconcile_and_schedule(KEY)
+        await controller.stop()
+        return controller
+
+    controller = asyncio.run(run())
+    conditions = controller.workloads[KEY]["status"]["conditions"]
+    assert {"type": "Admitted", "status": "True", "reason": "Admitted"} in conditions

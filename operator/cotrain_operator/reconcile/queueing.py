@@ -290,8 +290,8 @@ def waiting_message(queue: str, workload: Mapping[str, Any] | None) -> tuple[str
         return str(requeued["reason"]), (
             f"{requeued['reason']} by Kueue earlier, waiting in {where} to be admitted again{said}"
         )
-    name = workload["metadata"]["name"] if workload is not None else "its Workload"
-    return REASON_QUEUED, f"waiting in {where} for Kueue to admit Workload {name}{said}"
+    what = f"Workload {workload['metadata']['name']}" if workload is not None else "its Workload"
+    return REASON_QUEUED, f"waiting in {where} for Kueue to admit {what}{said}"
 
 
 __all__ = [
