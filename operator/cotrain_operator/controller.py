@@ -369,7 +369,7 @@ class Controller:
         """The job's answer to children the API server refused: fail it, once, when no retry can
         help; otherwise say so once per run of failures and raise to retry with backoff."""
         judged = [
-            (child, error, classify(error.status, _server_message(error)))
+            (child, error, classify(error.status, _server_message(error), child["kind"]))
             for child, error in refused
         ]
         for child, error, outcome in judged:

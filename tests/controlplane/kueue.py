@@ -35,6 +35,15 @@ METRICS_CERTS = Path("/etc/kueue/metrics/certs")
 KUEUE_GROUP = "kueue.x-k8s.io"
 
 
+INTEGRATION_CONFIG = (
+    Path(__file__).resolve().parents[2]
+    / "deploy"
+    / "components"
+    / "kueue"
+    / "kueue-configuration.yaml"
+)
+
+
 class KueueMissingError(RuntimeError):
     pass
 
@@ -110,10 +119,8 @@ def start_kueue(cp: ControlPlane, built: Path, work: Path, timeout: float = 120)
         "webhook": {"host": "127.0.0.1", "port": webhook_port, "certDir": str(certs)},
         "internalCertManagement": {"enable": False},
         "manageJobsWithoutQueueName": False,
-        "integrations": {
-            "frameworks": ["batch/job"],
-            "externalFrameworks": ["CoTrainJob.v1alpha1.cotrain.dev"],
-        },
+        # What docs/kueue.md has a user merge into Kueue's configuration, from deploy/.
+        "integrations": yaml.safe_load(INTEGRATION_CONFIG.read_text())["integrations"],
         "featureGates": {"VisibilityOnDemand": False},
     }
     config_path = work / "kueue.yaml"

@@ -29,7 +29,10 @@ KUBERNETES_VERSION = "1.34"
 Render = Callable[[str | Path], list[dict[str, Any]]]
 # Kinds of other projects' CRDs, which kubernetes_validate has no schema for; each has a test of
 # its own below.
-FOREIGN_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+FOREIGN_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("config.kueue.x-k8s.io/v1beta2", "Configuration"),  # a fragment of Kueue's own config
+}
 PROJECT_VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 
 

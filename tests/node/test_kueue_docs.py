@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from tests.controlplane.images import LocalImage
-from tests.controlplane.kueue import Kueue
+from tests.controlplane.kueue import INTEGRATION_CONFIG, Kueue
 from tests.fixtures.kube import install_cotrain
 from tests.node.conftest import RealNode
 from tests.node.running import events, job_path, with_local_images
@@ -82,8 +82,9 @@ def test_the_kueue_page_runs_from_a_stock_kueue_to_a_queued_job(
                 continue
             if marker == "kueue-config":
                 shown = yaml.safe_load(block.body)["integrations"]
+                shipped = yaml.safe_load(INTEGRATION_CONFIG.read_text())["integrations"]
                 running = yaml.safe_load(node_kueue.config_path.read_text())["integrations"]
-                assert shown == running, (shown, running)
+                assert shown == shipped == running, (shown, shipped, running)
             elif marker.startswith("file: "):
                 path = walk_dir / marker.removeprefix("file: ")
                 path.parent.mkdir(parents=True, exist_ok=True)

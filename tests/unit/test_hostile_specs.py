@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from cotrain_operator.api import InvalidJobError, parse_job
 from cotrain_operator.api.quantity import parse_quantity
-from cotrain_operator.reconcile.create_errors import CreateOutcome, classify
+from cotrain_operator.reconcile.create_errors import CreateOutcome, classify, refusal_message
 from cotrain_operator.reconcile.job import decide
 from cotrain_operator.reconcile.placement import place
 from cotrain_operator.sharing import GpuNode, parse_node
@@ -148,6 +148,15 @@ def test_class_4_refused_creates_are_failed_only_when_no_retry_can_help(
     status: int | None, message: str, outcome: CreateOutcome
 ) -> None:
     assert classify(status, message) is outcome
+
+
+def test_a_workload_refused_because_kueue_is_not_installed_is_retried_and_says_so() -> None:
+    message = "the server could not find the requested resource"
+    assert classify(404, message, "Workload") is CreateOutcome.RETRY
+    assert classify(404, message, "Pod") is CreateOutcome.FAIL_JOB
+    said = refusal_message("Workload", "cotrainjob-a-1", 404, message)
+    assert "install Kueue" in said
+    assert "docs/kueue.md" in said
 
 
 # -- 5. the validators disagree -------------------------------------------------------------

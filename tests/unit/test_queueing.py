@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from cotrain_operator.api.quantity import parse_quantity
 from cotrain_operator.api.validation import InvalidJobError, parse_job
@@ -330,3 +331,61 @@ def test_any_queued_job_is_charged_what_its_pods_request(document: dict[str, Any
         for c in pod["spec"]["containers"]
     )
     assert made == charge
+
+
+STATES = st.sampled_from([None, True, False])
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+@given(
+    reserved=STATES,
+    admitted=STATES,
+    evicted=STATES,
+    running=st.booleans(),
+    mode=st.sampled_from(["Exclusive", "Auto"]),
+    strategy=st.sampled_from(["SameGPU", "PodPerMember"]),
+)
+def test_a_queued_job_has_pods_only_while_kueue_admits_it(
+    reserved: bool | None,
+    admitted: bool | None,
+    evicted: bool | None,
+    running: bool,
+    mode: str,
+    strategy: str,
+) -> None:
+    """Whatever Kueue's conditions on the Workload, pods are made only while it is Admitted and
+    not Evicted, and the quota is handed back only once no pod of the job runs."""
+    builder = a_job().sharing(mode=mode).placement(strategy=strategy)
+    cluster = ClusterState(queued(builder), gpu_node("gpu-a", count=4), kueue=KUEUE)
+    cluster.settle()
+    cluster.kueue_admit({"nvidia.com/gpu": "l4"})
+    cluster.settle()
+    if running:
+        cluster.run_pods()
+    assert cluster.workload is not None
+    conditions = cluster.workload["status"]["conditions"]
+    conditions[:] = [
+        c for c in conditions if c["type"] not in ("QuotaReserved", "Admitted", "Evicted")
+    ]
+    for kind, state in (("QuotaReserved", reserved), ("Admitted", admitted), ("Evicted", evicted)):
+        if state is not None:
+            cluster._workload_condition(kind, state, "Test", "set by the test")
+    first = cluster.reconcile()
+    if evicted is True and reserved is True:
+        # Handed back only once no pod of the job is left: not in the round that deletes them.
+        assert "admission" not in first.workload_status
+    cluster.settle()
+    may_run = admitted is True and evicted is not True
+    if not may_run:
+        assert [c for c in first.create if c["kind"] == "Pod"] == []
+        assert cluster.pods == {}  # every pod it had is deleted
+        assert cluster.status["phase"] == "Suspended"
+    else:
+        assert cluster.pods
+    released = "admission" not in cluster.workload["status"]
+    assert released == (evicted is True and reserved is True)

@@ -31,8 +31,10 @@ _TRANSIENT_FORBIDDEN = (
 _PERMANENT = {400, 404, 406, 413, 415, 422}
 
 
-def classify(status: int | None, message: str) -> CreateOutcome:
+def classify(status: int | None, message: str, kind: str = "") -> CreateOutcome:
     """The outcome of one refused create, from its HTTP status and the server's message."""
+    if kind == "Workload" and status == 404:
+        return CreateOutcome.RETRY  # Kueue's API is not served (yet): installing it heals this
     if status == 403:
         lowered = message.lower()
         if "serviceaccount" in lowered and TRAINER_SERVICE_ACCOUNT in lowered:
@@ -47,4 +49,10 @@ def classify(status: int | None, message: str) -> CreateOutcome:
 
 def refusal_message(kind: str, name: str, status: int | None, message: str) -> str:
     """The condition's and the Event's text for a child the API server refused."""
-    return f"the API server refused {kind} {name} (HTTP {status}): {message}"
+    text = f"the API server refused {kind} {name} (HTTP {status}): {message}"
+    if kind == "Workload" and status == 404:
+        text += (
+            "; the cluster serves no Kueue Workloads (kueue.x-k8s.io/v1beta2): install Kueue "
+            "v0.17 or later (docs/kueue.md), or remove the job's kueue.x-k8s.io/queue-name label"
+        )
+    return text
