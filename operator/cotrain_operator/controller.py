@@ -31,6 +31,7 @@ from cotrain_operator.reconcile.create_errors import CreateOutcome, classify, re
 from cotrain_operator.reconcile.job import TERMINAL, Decision, decide, failed_create
 from cotrain_operator.reconcile.placement import held_share
 from cotrain_operator.reconcile.queueing import KueueObjects, parse_flavor, queue_name
+from cotrain_operator.reconcile.status import read_member_report
 from cotrain_operator.sharing import GpuNode, parse_node
 from cotrain_operator.sharing.inventory import less_held
 
@@ -78,6 +79,9 @@ class Controller:
         self._phases: dict[Key, str] = {}
         self._status_written: dict[Key, float] = {}  # time.monotonic() of the last status patch
         self._phase_counts: dict[str, int] = defaultdict(int)
+        # Each job's per-member series, and the members' status they were last set from.
+        self._member_series = metrics.MemberSeries()
+        self._reported: dict[Key, Any] = {}
         # Per namespace, the creation of its trainer identity: done, or under way (shared).
         self._identities: dict[str, asyncio.Future[None]] = {}
         for phase in PHASES:
@@ -98,10 +102,34 @@ class Controller:
             if timer:
                 timer.cancel()
             self._count_phase(key)
+            self._reported.pop(key, None)
+            self._member_series.forget(*key)
             return
         self.jobs[key] = _cached(body)
         self._count_phase(key)
+        self._export_members(key, body)
         self.enqueue(key)
+
+    def _export_members(self, key: Key, body: Mapping[str, Any]) -> None:
+        """The job's per-member series, when its members' status has changed."""
+        status = body.get("status")
+        raw = status.get("members") if isinstance(status, Mapping) else None
+        if raw == self._reported.get(key):
+            return
+        self._reported[key] = raw
+        spec = body.get("spec")
+        members = spec.get("members") if isinstance(spec, Mapping) else None
+        names = (
+            {m.get("name") for m in members or [] if isinstance(m, Mapping)}
+            if isinstance(members, list)
+            else set()
+        )
+        reports = {
+            str(name): read_member_report(entry)
+            for name, entry in (raw.items() if isinstance(raw, Mapping) else ())
+            if name in names
+        }
+        self._member_series.update(key[0], key[1], reports)
 
     def on_pod(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         metadata = body.get("metadata") or {}

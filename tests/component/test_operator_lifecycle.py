@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures.jobs import JobBuilder
-from tests.fixtures.kube import Kube, wait_for
+from tests.fixtures.kube import GROUP, PLURAL, VERSION, Kube, wait_for
 from tests.fixtures.operator_process import OperatorProcess
 
 pytestmark = pytest.mark.usefixtures("operator")
@@ -204,6 +204,41 @@ def test_operator_metrics_are_served(operator: OperatorProcess) -> None:
         and 'resource="event"' not in line
     ]
     assert refused == []
+
+
+def test_a_running_jobs_members_are_served_as_metrics_until_it_is_deleted(
+    kube: Kube,
+    namespace: str,
+    make_node: Callable[..., str],
+    job: Callable[[str], JobBuilder],
+    operator: OperatorProcess,
+) -> None:
+    node = make_node(sharing="time-slicing", replicas=2)
+    kube.create_job(namespace, job("watched").build())
+    wait_for("the pod", lambda: kube.pod_names(namespace, "watched"))
+    kube.run_pod(namespace, "watched-gpu-0", node)
+    kube.wait_phase(namespace, "watched", "Running")
+    report = {"phase": "Running", "step": 7, "totalSteps": 20, "loss": 0.25,
+              "samplesPerSecond": 640.0, "gpuMemoryBytes": 3 * 2**30}  # fmt: skip
+    kube.patch_job_status(namespace, "watched", {"members": {"torch": report}})
+    labels = f'job="watched",member="torch",namespace="{namespace}"'
+    wanted = [
+        f"cotrain_member_step{{{labels}}} 7.0",
+        f"cotrain_member_total_steps{{{labels}}} 20.0",
+        f"cotrain_member_loss{{{labels}}} 0.25",
+        f"cotrain_member_samples_per_second{{{labels}}} 640.0",
+        f"cotrain_member_gpu_memory_bytes{{{labels}}} 3.221225472e+09",
+        f'cotrain_member_phase{{{labels},phase="Running"}} 1.0',
+        f'cotrain_member_phase{{{labels},phase="Failed"}} 0.0',
+    ]
+    text = wait_for(
+        "the member's series",
+        lambda: (t := operator.metrics()) and all(w in t for w in wanted) and t,
+    )
+    tf = f'job="watched",member="tf",namespace="{namespace}"'
+    assert f"cotrain_member_restarts{{{tf}}} 0.0" in text  # the operator's own entry for tf
+    kube.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "watched")
+    wait_for("the series gone", lambda: 'job="watched"' not in operator.metrics())
 
 
 def test_pod_security_admission_really_enforces_restricted(kube: Kube, namespace: str) -> None:
