@@ -87,6 +87,9 @@ def test_a_queued_job_has_no_pods_until_admitted_and_says_where_it_waits() -> No
     assert cluster.status["phase"] == "Suspended"
     assert cluster.condition("Admitted")["reason"] == "Queued"
     assert "waiting in LocalQueue team-a" in cluster.condition("Admitted")["message"]
+    # On its way for GitOps tools (kstatus InProgress), unlike a job suspended by its spec.
+    assert cluster.condition("Reconciling")["status"] == "True"
+    assert cluster.condition("Stalled")["status"] == "False"
 
     cluster.kueue_refuse("couldn't assign flavors to pod set gpu: insufficient quota for cpu")
     cluster.settle()
@@ -238,6 +241,7 @@ def test_suspending_a_queued_job_takes_it_out_of_the_queue() -> None:
     assert cluster.pods == {}
     assert cluster.workload is None
     assert cluster.condition("Suspended")["reason"] == "Suspended"
+    assert cluster.condition("Reconciling")["status"] == "False"
     cluster.job["spec"]["runPolicy"] = {"suspend": False}
     cluster.settle()
     assert cluster.workload is not None

@@ -395,7 +395,8 @@ class Condition(_StatusModel):
         max_length=316,
         pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
         r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$",
-        description="Condition type: Admitted, Schedulable, Running, Succeeded, Failed, Suspended.",
+        description="Condition type: Admitted, Schedulable, Running, Succeeded, Failed, "
+        "Suspended, and for generic tooling (kstatus) Reconciling and Stalled.",
     )
     status: ConditionStatus = Field(description="True, False or Unknown.")
     observed_generation: int | None = Field(

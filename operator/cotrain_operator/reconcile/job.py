@@ -74,6 +74,7 @@ from cotrain_operator.reconcile.status import (
     read_member_report,
     rfc3339,
     set_condition,
+    with_kstatus,
 )
 from cotrain_operator.sharing import GpuNode
 
@@ -212,6 +213,9 @@ def _failed(
     conditions = list(status.get("conditions") or [])
     conditions = set_condition(conditions, "Failed", True, reason, message, generation, now)
     conditions = set_condition(conditions, "Running", False, reason, message, generation, now)
+    conditions = with_kstatus(
+        conditions, JobPhase.FAILED.value, reason, message, generation, now, under_way=False
+    )
     desired = {
         "phase": JobPhase.FAILED.value,
         "conditions": conditions,
@@ -387,6 +391,9 @@ def decide(
             generation,
             now,
         )
+    conditions = with_kstatus(
+        conditions, job_phase, reason, message, generation, now, under_way=not finished
+    )
     desired: dict[str, Any] = {
         "phase": job_phase,
         "conditions": conditions,
@@ -540,6 +547,11 @@ def _suspended(
     conditions = set_condition(conditions, "Admitted", False, reason, message, generation, now)
     conditions = set_condition(conditions, "Running", False, reason, message, generation, now)
     conditions = set_condition(conditions, "Suspended", True, reason, message, generation, now)
+    # Held for Kueue, the job is still on its way; suspended by its spec, it is where it should be.
+    conditions = with_kstatus(
+        conditions, JobPhase.SUSPENDED.value, reason, message, generation, now,
+        under_way=reason != "Suspended",
+    )  # fmt: skip
     desired = {
         "phase": JobPhase.SUSPENDED.value,
         "conditions": conditions,

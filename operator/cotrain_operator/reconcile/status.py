@@ -17,7 +17,10 @@ from pydantic import ValidationError
 
 from cotrain_operator.api.models import ConditionStatus, MemberStatus
 
-CONDITION_TYPES = ("Admitted", "Schedulable", "Running", "Succeeded", "Failed", "Suspended")
+CONDITION_TYPES = (
+    "Admitted", "Schedulable", "Running", "Succeeded", "Failed", "Suspended", "Reconciling",
+    "Stalled",
+)  # fmt: skip
 # Fields of status.members.<name> that the operator writes; the trainer writes the rest.
 OPERATOR_MEMBER_FIELDS = ("phase", "restarts", "reason", "message", "exitCode")
 
@@ -65,6 +68,41 @@ def set_condition(
     ordered = [*others, condition]
     rank = {name: index for index, name in enumerate(CONDITION_TYPES)}
     return sorted(ordered, key=lambda c: rank.get(str(c.get("type")), len(rank)))
+
+
+def with_kstatus(
+    conditions: list[dict[str, Any]],
+    phase: str,
+    reason: str,
+    message: str,
+    generation: int | None,
+    now: datetime,
+    *,
+    under_way: bool,
+) -> list[dict[str, Any]]:
+    """`conditions` with the two that generic tooling reads (kstatus, as Flux and cli-utils
+    compute a resource's health): `Reconciling` while the job is `under_way` (pending, running,
+    or waiting in a Kueue queue), `Stalled` once it has failed; both False otherwise, so that a
+    succeeded or suspended job reads as Current and a failed one as Failed."""
+    failed = phase == "Failed"
+    conditions = set_condition(
+        conditions,
+        "Reconciling",
+        under_way,
+        reason if under_way else phase,
+        message if under_way else f"the job is {phase}",
+        generation,
+        now,
+    )
+    return set_condition(
+        conditions,
+        "Stalled",
+        failed,
+        reason if failed else "NotFailed",
+        message if failed else "the job has not failed",
+        generation,
+        now,
+    )
 
 
 def condition_true(conditions: list[dict[str, Any]], kind: str) -> bool:
