@@ -86,19 +86,27 @@ def host_operator(
 class Ran:
     status: dict[str, Any]  # the job's, at its end
     pods: dict[str, dict[str, Any]]  # every pod of the job seen while it ran, as last seen
+    # The last lines of each pod seen Failed, taken before the operator removes it: what a
+    # failed attempt printed, for an assertion's message.
+    failed_logs: dict[str, str]
 
 
 def watch_to_end(cp: ControlPlane, ns: str, name: str, timeout: float = 240) -> Ran:
     """Poll job ``name`` and its namespace's pods until the job Succeeded or Failed."""
     seen: dict[str, dict[str, Any]] = {}
+    logs: dict[str, str] = {}
 
     def ended() -> dict[str, Any] | None:
         for pod in get_json(cp, f"/api/v1/namespaces/{ns}/pods")["items"]:
-            seen[pod["metadata"]["name"]] = pod
+            pod_name = pod["metadata"]["name"]
+            seen[pod_name] = pod
+            if pod["status"].get("phase") == "Failed" and pod_name not in logs:
+                got = cp.kubectl("logs", "-n", ns, pod_name, "--tail=40", check=False)
+                logs[pod_name] = got.stdout[-4000:] or got.stderr[-400:]
         status: dict[str, Any] = get_json(cp, job_path(ns, name)).get("status", {})
         return status if status.get("phase") in ("Succeeded", "Failed") else None
 
-    return Ran(until(f"job {name} to end", ended, timeout=timeout), seen)
+    return Ran(until(f"job {name} to end", ended, timeout=timeout), seen, logs)
 
 
 def run_operator_job(

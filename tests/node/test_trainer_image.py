@@ -282,7 +282,9 @@ def test_the_distributed_example_trains_across_pods_that_find_each_other_by_dns(
     status = ran.status
     cp = exclusive_node.control_plane
     why = {n: (m.get("reason"), m.get("message", "")[-400:]) for n, m in status["members"].items()}
-    assert status["phase"] == "Succeeded", (why, events(cp, ns))
+    failed = next((c for c in status.get("conditions", []) if c["type"] == "Failed"), {})
+    assert status["phase"] == "Succeeded", (failed.get("message"), why, ran.failed_logs,
+                                            events(cp, ns))  # fmt: skip
     assert_trained(status, ["torch-ddp", "tf-workers"])
     assert sorted(ran.pods) == [
         "distributed-tf-workers-0-0",

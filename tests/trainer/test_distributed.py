@@ -266,9 +266,10 @@ def test_a_rank_that_keeps_failing_fails_the_member_at_the_backoff_limit(tmp_pat
     assert "rank 1 (replica 1): exited with code 5" in status.message
     ranks = ranks_run(runs)
     # The failing rank ran once plus its one restart; rank 0 may be stopped by the gang before
-    # its program records that it started, so it shows up at most as often.
+    # its program records that it started (on a busy machine, in both runs), so it shows up at
+    # most as often.
     assert ranks.count("1") == 2
-    assert 1 <= ranks.count("0") <= 2
+    assert ranks.count("0") <= 2
 
 
 def test_a_gpu_oom_in_any_rank_fails_the_member_without_restarts(tmp_path: Path) -> None:
