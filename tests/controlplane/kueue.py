@@ -22,10 +22,13 @@ import shutil
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.controlplane.cluster import ControlPlane, _Proc, _spawn, free_port
@@ -94,6 +97,21 @@ class Kueue:
             "kueue-mutating-webhook-configuration", "kueue-validating-webhook-configuration",
             "--ignore-not-found", check=False,
         )  # fmt: skip
+
+
+@contextmanager
+def running_kueue(cp: ControlPlane, work: Path) -> Iterator[Kueue]:
+    """The Kueue that setup built, running against ``cp`` for the block; a test fails (never
+    skips) where it is not built."""
+    try:
+        built = kueue_build()
+    except KueueMissingError as e:
+        pytest.fail(str(e))
+    running = start_kueue(cp, built, work)
+    try:
+        yield running
+    finally:
+        running.stop()
 
 
 def start_kueue(cp: ControlPlane, built: Path, work: Path, timeout: float = 120) -> Kueue:

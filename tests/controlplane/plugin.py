@@ -34,7 +34,7 @@ from tests.controlplane.cluster import (
     go_available,
     start_control_plane,
 )
-from tests.controlplane.kueue import Kueue, KueueMissingError, kueue_build, start_kueue
+from tests.controlplane.kueue import Kueue, running_kueue
 
 
 @contextlib.contextmanager
@@ -106,12 +106,5 @@ def control_plane_factory(
 @pytest.fixture(scope="session")
 def kueue(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kueue]:
     """A real Kueue (built by setup from sigs.k8s.io/kueue) running against ``control_plane``."""
-    try:
-        built = kueue_build()
-    except KueueMissingError as e:
-        pytest.fail(str(e))
-    running = start_kueue(control_plane, built, tmp_path_factory.mktemp("kueue"))
-    try:
+    with running_kueue(control_plane, tmp_path_factory.mktemp("kueue")) as running:
         yield running
-    finally:
-        running.stop()

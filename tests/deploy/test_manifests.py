@@ -268,26 +268,32 @@ def test_the_metrics_service_selects_the_operator_and_not_trainer_pods(
     assert selector <= service["metadata"]["labels"].items()
 
 
-def test_the_service_monitor_component_scrapes_the_metrics_service(
-    kubectl: Path, tmp_path: Path
-) -> None:
+def production_with(component: str, kubectl: Path, tmp_path: Path) -> list[dict[str, Any]]:
+    """The production overlay with one of deploy/components added, as a user's overlay has it,
+    rendered by the real kubectl."""
     # kustomize takes no absolute paths: an overlay of our own beside a copy of the tree.
     shutil.copytree(DEPLOY, tmp_path / "deploy")
     shutil.copytree(ROOT / "crds", tmp_path / "crds")
-    (tmp_path / "monitored").mkdir()
-    (tmp_path / "monitored/kustomization.yaml").write_text(
+    (tmp_path / "overlay").mkdir()
+    (tmp_path / "overlay/kustomization.yaml").write_text(
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
         "resources: [../deploy/overlays/production]\n"
-        "components: [../deploy/components/servicemonitor]\n"
+        f"components: [../deploy/components/{component}]\n"
     )
     result = subprocess.run(
-        [str(kubectl), "kustomize", str(tmp_path / "monitored")],
+        [str(kubectl), "kustomize", str(tmp_path / "overlay")],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    documents = load_documents(result.stdout)
+    return load_documents(result.stdout)
+
+
+def test_the_service_monitor_component_scrapes_the_metrics_service(
+    kubectl: Path, tmp_path: Path
+) -> None:
+    documents = production_with("servicemonitor", kubectl, tmp_path)
     monitor = find(documents, "ServiceMonitor", "cotrain-operator")
     service = find(documents, "Service", "cotrain-operator-metrics")
     assert (
@@ -300,22 +306,7 @@ def test_the_service_monitor_component_scrapes_the_metrics_service(
 def test_the_kueue_component_turns_queueing_on_with_least_privilege(
     kubectl: Path, tmp_path: Path
 ) -> None:
-    shutil.copytree(DEPLOY, tmp_path / "deploy")
-    shutil.copytree(ROOT / "crds", tmp_path / "crds")
-    (tmp_path / "queued").mkdir()
-    (tmp_path / "queued/kustomization.yaml").write_text(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        "resources: [../deploy/overlays/production]\n"
-        "components: [../deploy/components/kueue]\n"
-    )
-    result = subprocess.run(
-        [str(kubectl), "kustomize", str(tmp_path / "queued")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    documents = load_documents(result.stdout)
+    documents = production_with("kueue", kubectl, tmp_path)
     env = env_of(operator_container(documents))
     assert env["COTRAIN_KUEUE"] == "true"
     assert env["COTRAIN_WORKERS"] == "8"  # the overlay's own settings survive the component

@@ -18,7 +18,7 @@ import pytest
 
 from tests.controlplane.cluster import ControlPlane, start_control_plane
 from tests.controlplane.images import LocalImage, busybox_image
-from tests.controlplane.kueue import Kueue, KueueMissingError, kueue_build, start_kueue
+from tests.controlplane.kueue import Kueue, running_kueue
 from tests.controlplane.node import (
     SETUP_SCRIPT,
     FakeGpus,
@@ -74,15 +74,9 @@ def real_node(
 @pytest.fixture(scope="session")
 def node_kueue(real_node: RealNode, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kueue]:
     """The real Kueue (built by setup from sigs.k8s.io/kueue) against the node's control plane."""
-    try:
-        built = kueue_build()
-    except KueueMissingError as e:
-        pytest.fail(str(e))
-    running = start_kueue(real_node.control_plane, built, tmp_path_factory.mktemp("node-kueue"))
-    try:
+    work = tmp_path_factory.mktemp("node-kueue")
+    with running_kueue(real_node.control_plane, work) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def _imported(real_node: RealNode, name: str) -> LocalImage:
