@@ -16,19 +16,19 @@ from typing import Any
 
 import pytest
 
+from tests.controlplane.tools import ToolNotBuilt, built_tool
 from tests.fixtures.jobs import JobBuilder
 from tests.fixtures.kube import Kube, wait_for
 
 pytestmark = pytest.mark.usefixtures("operator")
-BUILD = Path(__file__).resolve().parents[1] / "controlplane" / "kstatus-module" / "build.sh"
 
 
 @pytest.fixture(scope="module")
 def kstatus() -> Callable[[dict[str, Any]], str]:
-    found = subprocess.run(["bash", str(BUILD), "--check"], capture_output=True, text=True)
-    if found.returncode != 0:
-        pytest.fail(found.stderr.strip() or "kstatus is not built: run bash .ci/setup --tests")
-    binary = found.stdout.strip().splitlines()[-1]
+    try:
+        binary = built_tool("kstatus")
+    except ToolNotBuilt as error:
+        pytest.fail(str(error))
 
     def compute(job: dict[str, Any]) -> str:
         ran = subprocess.run(
