@@ -19,6 +19,8 @@ from typing import Any
 
 from cotrain_operator.api.contract import (
     EXIT_MEMBERS_FAILED,
+    LABEL_ATTEMPT,
+    LABEL_GROUP,
     REASON_BACKOFF_EXCEEDED,
     REASON_CO_TENANT_FAULT,
     REASON_COMPLETED,
@@ -27,6 +29,7 @@ from cotrain_operator.api.contract import (
     REASON_GPU_OOM,
     REASON_INVALID_SPEC,
     REASON_OOM_KILLED,
+    TRAINER_CONTAINER,
 )
 from cotrain_operator.api.models import (
     CoTrainJob,
@@ -38,9 +41,6 @@ from cotrain_operator.api.models import (
 from cotrain_operator.api.validation import InvalidJobError, parse_job
 from cotrain_operator.reconcile.children import (
     ANNOTATION_RESTARTS,
-    LABEL_ATTEMPT,
-    LABEL_GROUP,
-    TRAINER_CONTAINER,
     build_peer_services,
     build_pod,
 )
