@@ -37,6 +37,7 @@ from cotrain_operator.api.models import (
     MemberPhase,
     MemberStatus,
     SuccessPolicy,
+    read_member_report,
 )
 from cotrain_operator.api.validation import InvalidJobError, parse_job
 from cotrain_operator.reconcile.children import (
@@ -71,7 +72,6 @@ from cotrain_operator.reconcile.status import (
     merge_patch,
     parse_time,
     progress_text,
-    read_member_report,
     rfc3339,
     set_condition,
     with_kstatus,
