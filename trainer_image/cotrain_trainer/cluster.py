@@ -137,7 +137,8 @@ def connect(target: Target, environ: Mapping[str, str] = os.environ) -> Cluster:
         raise ClusterError(f"kubeconfig {shown} sets no current-context: pass --context NAME")
     try:
         merged = KubeConfigMerger(os.pathsep.join(str(p) for p in paths))  # type: ignore[no-untyped-call]
-        names = [str(entry.get("name")) for entry in merged.config.value.get("contexts") or []]
+        entries = [getattr(e, "value", e) for e in merged.config.value.get("contexts") or []]
+        names = [str(entry.get("name")) for entry in entries]
         if context not in names:
             known = ", ".join(names) or "none"
             raise ClusterError(f"context {context!r} is not in kubeconfig {shown} (has: {known})")
@@ -384,11 +385,11 @@ def show_job(console: Any, job: Mapping[str, Any], members: list[Member]) -> int
     from cotrain_trainer.console import summary_table
 
     console.print(summary_table(members, member_statuses(job)))
-    console.print(phase_line(job), markup=False)
+    console.print(phase_line(job), markup=False, soft_wrap=True)
     code = exit_code(job_phase(job))
     if job_phase(job) == JobPhase.FAILED:
         for line in failure_lines(job, members):
-            console.print(line, markup=False)
+            console.print(line, markup=False, soft_wrap=True)
     return code
 
 
@@ -411,9 +412,10 @@ def follow(cluster: Cluster, name: str, out: TextIO) -> int:
         f"following {KIND.lower()} {name} in namespace {cluster.namespace} "
         "(Ctrl-C stops following, not the job)",
         markup=False,
+        soft_wrap=True,
     )
     if phase is not None:
-        console.print(f"{KIND.lower()} {name}: {phase.value}", markup=False)
+        console.print(f"{KIND.lower()} {name}: {phase.value}", markup=False, soft_wrap=True)
 
     def feed(job: Mapping[str, Any]) -> None:
         statuses = member_statuses(job)
@@ -436,7 +438,11 @@ def follow(cluster: Cluster, name: str, out: TextIO) -> int:
                     if job_phase(job) != phase:
                         phase = job_phase(job)
                         if not isinstance(view, ProgressView) and phase is not None:
-                            console.print(f"{KIND.lower()} {name}: {phase.value}", markup=False)
+                            console.print(
+                                f"{KIND.lower()} {name}: {phase.value}",
+                                markup=False,
+                                soft_wrap=True,
+                            )
                     if exit_code(phase) is not None:
                         break
     except KeyboardInterrupt:
@@ -445,10 +451,11 @@ def follow(cluster: Cluster, name: str, out: TextIO) -> int:
             f"{cluster.namespace}. Follow it again: cotrain status {name} -w -n "
             f"{cluster.namespace}",
             markup=False,
+            soft_wrap=True,
         )
         return EXIT_INTERRUPTED
     if deleted:
-        console.print(f"{KIND.lower()} {name} was deleted", markup=False)
+        console.print(f"{KIND.lower()} {name} was deleted", markup=False, soft_wrap=True)
         return 1
     code = show_job(console, job, members)
     return 1 if code is None else code
