@@ -23,15 +23,14 @@ from typing import Any, TypeVar
 from kubernetes.client.exceptions import ApiException
 
 from cotrain_operator import metrics
-from cotrain_operator.api.contract import REASON_FAILED_CREATE
+from cotrain_operator.api.contract import LABEL_JOB, REASON_FAILED_CREATE
+from cotrain_operator.api.models import read_member_report
 from cotrain_operator.k8s import ConflictError, KubeApi
 from cotrain_operator.reconcile.access import build_trainer_identity
-from cotrain_operator.reconcile.children import LABEL_JOB
 from cotrain_operator.reconcile.create_errors import CreateOutcome, classify, refusal_message
 from cotrain_operator.reconcile.job import TERMINAL, Decision, decide, failed_create
 from cotrain_operator.reconcile.placement import held_share
 from cotrain_operator.reconcile.queueing import KueueObjects, parse_flavor, queue_name
-from cotrain_operator.reconcile.status import read_member_report
 from cotrain_operator.sharing import GpuNode, parse_node
 from cotrain_operator.sharing.inventory import less_held
 

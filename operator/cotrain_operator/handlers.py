@@ -16,10 +16,10 @@ from typing import Any, cast
 import kopf
 
 from cotrain_operator import metrics
+from cotrain_operator.api.contract import LABEL_JOB
 from cotrain_operator.api.models import GROUP, PLURAL, VERSION
 from cotrain_operator.controller import Controller
 from cotrain_operator.k8s import KubeApi, load_config
-from cotrain_operator.reconcile.children import LABEL_JOB
 from cotrain_operator.reconcile.queueing import KUEUE_GROUP, KUEUE_VERSION
 
 CONTROLLER_KEY = "controller"

@@ -12,7 +12,7 @@ from pathlib import Path
 from prometheus_client import REGISTRY
 
 from cotrain_operator import metrics
-from cotrain_operator.reconcile.status import read_member_report
+from cotrain_operator.api.models import read_member_report
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "cotrain-dashboard.json"

@@ -1,10 +1,12 @@
-"""The `cotrain` command: `crd`, `validate`, `explain`, `run` (the local trainer) and
-`supervise` (the trainer pod's entry point).
+"""The `cotrain` command: `crd`, `validate`, `explain`, `run` (the local trainer), `submit`,
+`status` and `logs` (a cluster's jobs) and `supervise` (the trainer pod's entry point).
 
-Owns argument parsing and what each subcommand prints; the work is done by the API package
-(validation, CRD rendering), by the supervisor (running members) and by the reporter. Exit codes:
-0 success, 1 invalid input or a failed job, 2 usage errors, 130 a `cotrain run` stopped by
-Ctrl-C; `cotrain supervise` exits as the operator expects (see `SupervisorResult.exit_code`).
+Owns argument parsing and what each local subcommand prints; the work is done by the API package
+(validation, CRD rendering), by the supervisor (running members), by the reporter and, for the
+cluster commands, by `cluster.py`. Exit codes: 0 success, 1 invalid input, a failed job or an
+error from the cluster, 2 usage errors, 130 a `cotrain run` or a followed job stopped by Ctrl-C
+(a job in a cluster keeps running); `cotrain supervise` exits as the operator expects (see
+`SupervisorResult.exit_code`).
 """
 
 from __future__ import annotations
@@ -52,14 +54,21 @@ def load_documents(path: str) -> Iterator[tuple[str, Any]]:
         yield f"{source}#{index + 1}" if index else source, document
 
 
-def load_job(path: str) -> CoTrainJob:
-    """The one CoTrainJob in `path`; InvalidJobError (or ValueError) when there is not one."""
+def load_job_document(path: str) -> dict[str, Any]:
+    """The one CoTrainJob document in `path`, as written, once it validates: InvalidJobError
+    (or ValueError) when there is not one or it is invalid."""
     jobs = [
         doc for _, doc in load_documents(path) if isinstance(doc, dict) and doc.get("kind") == KIND
     ]
     if len(jobs) != 1:
         raise ValueError(f"{path}: expected exactly one {KIND} document, found {len(jobs)}")
-    return parse_job(jobs[0])
+    parse_job(jobs[0])
+    return jobs[0]
+
+
+def load_job(path: str) -> CoTrainJob:
+    """The one CoTrainJob in `path`; InvalidJobError (or ValueError) when there is not one."""
+    return parse_job(load_job_document(path))
 
 
 def validate_files(paths: Sequence[str], out: TextIO) -> int:
@@ -199,13 +208,8 @@ def run_job(path: str, out_dir: str | None, progress: bool = True) -> int:
         console = Console(highlight=False, width=max(console.width, 120))
     try:
         job = load_job(path)
-    except InvalidJobError as error:
-        console.print(f"{path}: {KIND} is invalid:", markup=False)
-        for violation in error.violations:
-            console.print(f"  {violation}", markup=False)
-        return 1
     except (OSError, ValueError, yaml.YAMLError) as error:
-        console.print(f"{path}: {error}", markup=False)
+        _print_invalid(path, error, sys.stdout)
         return 1
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     telemetry = open_telemetry()
@@ -330,6 +334,49 @@ def supervise(work_dir: str | None, status_file: str | None) -> int:
     return result.exit_code
 
 
+def _print_invalid(path: str, error: Exception, out: TextIO) -> None:
+    """What `cotrain run` and `cotrain submit` say of a file they cannot use."""
+    if isinstance(error, InvalidJobError):
+        out.write(f"{path}: {KIND} is invalid:\n")
+        out.writelines(f"  {violation}\n" for violation in error.violations)
+    else:
+        out.write(f"{path}: {error}\n")
+
+
+def _cluster_command(args: argparse.Namespace) -> int:
+    """submit, status, logs: validate locally what can be, then let cluster.py talk to the API."""
+    from cotrain_trainer import cluster
+
+    target = cluster.Target(args.kubeconfig, args.context, args.namespace)
+    out, err = sys.stdout, sys.stderr
+    if args.command == "submit":
+        try:
+            document = load_job_document(args.file)
+        except (OSError, ValueError, yaml.YAMLError, ManifestError) as error:
+            _print_invalid(args.file, error, out)
+            return 1
+        return cluster.submit(args.file, document, target, args.follow, out, err)
+    if args.command == "status":
+        return cluster.status(args.job, target, args.watch, out, err)
+    return cluster.logs(args.job, args.member, target, args.follow, args.tail, out, err)
+
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    """Where a cluster command connects, as kubectl's flags say it."""
+    parser.add_argument(
+        "--kubeconfig",
+        metavar="FILE",
+        help="kubeconfig file (default: $KUBECONFIG's files merged, else ~/.kube/config)",
+    )
+    parser.add_argument("--context", metavar="NAME", help="kubeconfig context (default: current)")
+    parser.add_argument(
+        "-n",
+        "--namespace",
+        metavar="NS",
+        help="namespace (default: the file's, else the context's, else default)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cotrain",
@@ -355,6 +402,39 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--no-progress", action="store_true", help="print a line per change, no progress bars"
     )
+    submit = commands.add_parser(
+        "submit", help="validate a CoTrainJob, apply it to a cluster (server-side) and follow it"
+    )
+    submit.add_argument("file", metavar="FILE", help="a YAML file holding one CoTrainJob")
+    submit.add_argument(
+        "-w",
+        "--follow",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="follow the job until it ends, as `status JOB -w` (default: on)",
+    )
+    _add_target(submit)
+    status = commands.add_parser(
+        "status", help="a cluster's jobs; with JOB its members; with -w follow it to its end"
+    )
+    status.add_argument("job", nargs="?", metavar="JOB", help="a CoTrainJob's name")
+    status.add_argument(
+        "-w", "--watch", action="store_true", help="follow JOB live until it succeeds or fails"
+    )
+    _add_target(status)
+    logs = commands.add_parser("logs", help="the logs of a job's trainer pods")
+    logs.add_argument("job", metavar="JOB", help="a CoTrainJob's name")
+    logs.add_argument(
+        "member", nargs="?", metavar="MEMBER", help="only this member's lines (all its ranks)"
+    )
+    logs.add_argument("-f", "--follow", action="store_true", help="stream the logs as they grow")
+    logs.add_argument(
+        "--tail",
+        type=int,
+        metavar="N",
+        help="the last N lines of each pod's log (before MEMBER's lines are picked)",
+    )
+    _add_target(logs)
     supervise = commands.add_parser(
         "supervise",
         help=f"run a trainer pod's members from ${ENV_POD_PLAN} (the trainer image's entry point)",
@@ -382,6 +462,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_job(args.file, args.out, progress=not args.no_progress)
     if args.command == "supervise":
         return supervise(args.work_dir, args.status_file)
+    if args.command in ("submit", "status", "logs"):
+        if args.command == "status" and args.watch and args.job is None:
+            build_parser().error("status -w needs JOB")
+        return _cluster_command(args)
     raise AssertionError(f"unhandled command {args.command}")  # argparse rules this out
 
 

@@ -2,13 +2,16 @@
 
 Owns three supervisor listeners (`ProgressView`: a rich progress bar per member; `LineView`: one
 line per phase change, for `--no-progress` and pipes; `PodLogLines`: plain lines for a trainer
-pod's log, which `kubectl logs` shows) and the summary table. Reads only `MemberStatus`; imports
-no framework.
+pod's log, which `kubectl logs` and `cotrain logs` show) and the summary table. Also the pod log's
+line format, written here and by the supervisor's output pumps, read by `cotrain logs MEMBER`:
+`[member] text`, `[member/rank] text` for a member that runs several ranks, and the supervisor's
+own lines unprefixed. Reads only `MemberStatus`; imports no framework.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import TextIO
 
@@ -31,6 +34,32 @@ _PHASE_STYLE = {
     MemberPhase.FAILED: "red",
     MemberPhase.RESTARTING: "yellow",
 }
+
+
+# A member name is a DNS-1035 label (api.models.DNS_LABEL); a rank is a number.
+_SOURCE = re.compile(r"\[([a-z](?:[-a-z0-9]*[a-z0-9])?)(?:/(\d+))?\](?: |$)")
+
+
+def log_source(member: str, rank: int | None = None) -> str:
+    """The tag of `member`'s pod log lines: its name, and the rank when it runs several."""
+    return member if rank is None else f"{member}/{rank}"
+
+
+def pod_log_line(source: str, text: str) -> str:
+    """One line of a trainer pod's log, newline included."""
+    return f"[{source}] {text}\n"
+
+
+def line_member(line: str) -> str | None:
+    """The member a pod log line came from; None for the supervisor's own lines."""
+    found = _SOURCE.match(line)
+    return found.group(1) if found else None
+
+
+def member_lines(lines: Iterable[str], member: str) -> Iterator[str]:
+    """The lines of `member` (all its ranks), prefix kept; other members' and unprefixed lines
+    are left out."""
+    return (line for line in lines if line_member(line) == member)
 
 
 def _loss(value: float | None) -> str:
@@ -140,7 +169,7 @@ class PodLogLines:
             detail = f" ({status.reason}: {status.message})" if status.message else ""
             lines.append(f"{phase}{detail}")
         for line in lines:
-            self.out.write(f"[{name}] {line}\n")
+            self.out.write(pod_log_line(name, line))
         if lines:
             self.out.flush()
 

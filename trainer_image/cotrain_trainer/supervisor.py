@@ -46,6 +46,7 @@ from cotrain_operator.api.contract import (
 )
 from cotrain_operator.api.models import Member, MemberPhase, MemberStatus, SuccessPolicy
 from cotrain_trainer.caps import member_launch, with_python_first
+from cotrain_trainer.console import log_source, pod_log_line
 from cotrain_trainer.distributed import Rank, member_ranks, rank_env, spans_pods
 from cotrain_trainer.fault import Usage, culprits, memory_limit_bytes, resident_bytes_by_group
 from cotrain_trainer.gpu import NoGpu, Telemetry
@@ -244,7 +245,7 @@ class OutputPump:
                 if is_gpu_oom_text(line):
                     self._gpu_oom = (self.lines, line.strip())
                 if self._echo is not None:
-                    self._echo.write(f"[{self._name}] {line}\n")
+                    self._echo.write(pod_log_line(self._name, line))
                     self._echo.flush()
 
     def gpu_oom_line(self, within: int = GPU_OOM_LINES) -> str:
@@ -553,7 +554,7 @@ class Supervisor:
             return
         assert process.stdout is not None  # stdout=PIPE
         rank.process = process
-        prefix = member.name if len(member.ranks) == 1 else f"{member.name}/{rank.rank.rank}"
+        prefix = log_source(member.name, None if len(member.ranks) == 1 else rank.rank.rank)
         rank.output = OutputPump(prefix, process.stdout, log_file, self.echo)
 
     def _read_progress(self, member: _MemberRun) -> None:

@@ -4,6 +4,7 @@ Owns what the operator puts into a trainer pod and what the trainer reads from i
 document, the `PodPlan`, in the environment variable `COTRAIN_POD_PLAN`, plus where to report.
 The operator builds a plan per pod (every member for SameGPU, one for PodPerMember); `cotrain run`
 builds one locally from the job file. Both sides import only this module, so the two cannot drift.
+Also the trainer pod's labels and container name, by which `cotrain logs` finds a job's pods.
 """
 
 from __future__ import annotations
@@ -11,7 +12,16 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from cotrain_operator.api.models import Member, SharingMode, SuccessPolicy
+from cotrain_operator.api.models import GROUP, Member, SharingMode, SuccessPolicy
+
+# Labels of a job's trainer pods: every pod has the job's and its group's (and attempt's); a pod
+# that holds one member (PodPerMember, replicas) has the member's too, and a replica's index.
+LABEL_JOB = f"{GROUP}/job"
+LABEL_GROUP = f"{GROUP}/group"
+LABEL_ATTEMPT = f"{GROUP}/attempt"
+LABEL_MEMBER = f"{GROUP}/member"
+LABEL_REPLICA = f"{GROUP}/replica"
+TRAINER_CONTAINER = "trainer"
 
 # Environment of the trainer container.
 ENV_POD_PLAN = "COTRAIN_POD_PLAN"

@@ -7,10 +7,12 @@ rule is enforced by the API server (as CEL) and by `cotrain validate` (as Python
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from cotrain_operator.api.quantity import Quantity
@@ -485,6 +487,22 @@ class MemberStatus(_StatusModel):
         "CoTenantFault, DeadlineExceeded.",
     )
     message: str | None = Field(default=None, max_length=4096, description="Detail.")
+
+
+def read_member_report(raw: Any) -> MemberStatus:
+    """A member's status as reported by its trainer, keeping only fields that validate."""
+    if not isinstance(raw, Mapping):
+        return MemberStatus()
+    kept: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            continue
+        try:
+            MemberStatus.model_validate({key: value})
+        except ValidationError:
+            continue
+        kept[key] = value
+    return MemberStatus.model_validate(kept)
 
 
 class CoTrainJobStatus(_StatusModel):

@@ -17,6 +17,12 @@ from typing import Any
 from cotrain_operator.api.contract import (
     ENV_POD_PLAN,
     ENV_REPORT_MODE,
+    LABEL_ATTEMPT,
+    LABEL_GROUP,
+    LABEL_JOB,
+    LABEL_MEMBER,
+    LABEL_REPLICA,
+    TRAINER_CONTAINER,
     MemberTopology,
     PodPlan,
 )
@@ -33,18 +39,12 @@ from cotrain_operator.api.quantity import parse_quantity
 from cotrain_operator.reconcile.access import TRAINER_SERVICE_ACCOUNT
 from cotrain_operator.reconcile.placement import GroupPlacement, Placement
 
-LABEL_JOB = f"{GROUP}/job"
-LABEL_GROUP = f"{GROUP}/group"
-LABEL_ATTEMPT = f"{GROUP}/attempt"
-LABEL_MEMBER = f"{GROUP}/member"
-LABEL_REPLICA = f"{GROUP}/replica"
 # torch.distributed's rendezvous on replica 0, and each TensorFlow worker's own port (distinct
 # per replica, so replicas that share a host never collide).
 TORCH_MASTER_PORT = 29500
 TF_WORKER_BASE_PORT = 2222
 ANNOTATION_RESTARTS = f"{GROUP}/restarts"
 MANAGED_BY = "cotrain-operator"
-TRAINER_CONTAINER = "trainer"
 DEFAULT_TRAINER_IMAGE = os.environ.get("COTRAIN_TRAINER_IMAGE", "ghcr.io/cotrain/trainer:0.1.0")
 TRAINER_UID = 1000
 # Shared memory for the frameworks' data loaders; under MPS the device plugin mounts its own.

@@ -19,6 +19,8 @@ from typing import Any
 
 from cotrain_operator.api.contract import (
     EXIT_MEMBERS_FAILED,
+    LABEL_ATTEMPT,
+    LABEL_GROUP,
     REASON_BACKOFF_EXCEEDED,
     REASON_CO_TENANT_FAULT,
     REASON_COMPLETED,
@@ -27,6 +29,7 @@ from cotrain_operator.api.contract import (
     REASON_GPU_OOM,
     REASON_INVALID_SPEC,
     REASON_OOM_KILLED,
+    TRAINER_CONTAINER,
 )
 from cotrain_operator.api.models import (
     CoTrainJob,
@@ -34,13 +37,11 @@ from cotrain_operator.api.models import (
     MemberPhase,
     MemberStatus,
     SuccessPolicy,
+    read_member_report,
 )
 from cotrain_operator.api.validation import InvalidJobError, parse_job
 from cotrain_operator.reconcile.children import (
     ANNOTATION_RESTARTS,
-    LABEL_ATTEMPT,
-    LABEL_GROUP,
-    TRAINER_CONTAINER,
     build_peer_services,
     build_pod,
 )
@@ -71,7 +72,6 @@ from cotrain_operator.reconcile.status import (
     merge_patch,
     parse_time,
     progress_text,
-    read_member_report,
     rfc3339,
     set_condition,
     with_kstatus,

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from cotrain_operator.reconcile.children import LABEL_JOB, owner_reference
+from cotrain_operator.api.contract import LABEL_JOB
+from cotrain_operator.reconcile.children import owner_reference
 from cotrain_operator.reconcile.status import rfc3339
 
 KUEUE_GROUP = "kueue.x-k8s.io"

@@ -1,19 +1,16 @@
 """Status arithmetic: conditions, untrusted member reports, progress, and the status patch.
 
-Owns metav1.Condition bookkeeping (lastTransitionTime kept unless the status flips), reading the
-trainer's reports as untrusted input (each field validated on its own; a bad field is dropped,
-never fatal), and the smallest JSON merge patch that turns the stored status into the desired
-one. Pure.
+Owns metav1.Condition bookkeeping (lastTransitionTime kept unless the status flips), progress
+and the smallest JSON merge patch that turns the stored status into the desired one (the
+trainer's reports are read by `api.models.read_member_report`, which `cotrain status` shares).
+Pure.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
-
-from pydantic import ValidationError
 
 from cotrain_operator.api.models import ConditionStatus, MemberStatus
 
@@ -107,22 +104,6 @@ def with_kstatus(
 
 def condition_true(conditions: list[dict[str, Any]], kind: str) -> bool:
     return any(c.get("type") == kind and c.get("status") == "True" for c in conditions)
-
-
-def read_member_report(raw: Any) -> MemberStatus:
-    """A member's status as reported by its trainer, keeping only fields that validate."""
-    if not isinstance(raw, Mapping):
-        return MemberStatus()
-    kept: dict[str, Any] = {}
-    for key, value in raw.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            continue
-        try:
-            MemberStatus.model_validate({key: value})
-        except ValidationError:
-            continue
-        kept[key] = value
-    return MemberStatus.model_validate(kept)
 
 
 def progress_text(reports: Mapping[str, MemberStatus]) -> str | None:

@@ -1,0 +1,500 @@
+"""`cotrain submit` and `cotrain status` against the real API server, run as a user runs them: a
+subprocess with KUBECONFIG, its stdout a pipe or a terminal (a pty). No operator runs over these
+namespaces ("cli*"): the test plays it, writing the job's status through the status subresource
+as the operator and the trainers do, each write made only once the CLI has said it is following.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import queue
+import re
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.controlplane.cluster import ControlPlane, free_port
+from tests.fixtures.kube import Kube
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "mixed-same-gpu.yaml"
+FOLLOWING = "following cotrainjob"
+TIMEOUT = 60.0  # a failsafe: every wait below ends on an event, never on time
+
+
+STARTED: list[subprocess.Popen[Any]] = []
+
+
+@pytest.fixture
+def namespace_prefix() -> str:
+    return "cli"  # outside the shared operator's "t*": these tests play the operator
+
+
+@pytest.fixture(autouse=True)
+def _no_cli_left_running() -> Iterator[None]:
+    yield
+    while STARTED:
+        process = STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def cli_env(kubeconfig: Path | str | None, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)  # PYTHONPATH passes through: the worktree's own package
+    env.pop("KUBECONFIG", None)
+    if kubeconfig is not None:
+        env["KUBECONFIG"] = str(kubeconfig)
+    return env | extra
+
+
+def cotrain(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cotrain_trainer.cli", *args]
+
+
+def run_cli(kubeconfig: Path | str | None, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        cotrain(*args),
+        env=cli_env(kubeconfig),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+class Piped:
+    """A CLI process whose stdout and stderr are one pipe, read line by line."""
+
+    def __init__(self, kubeconfig: Path, *args: str) -> None:
+        self.process = subprocess.Popen(
+            cotrain(*args),
+            env=cli_env(kubeconfig),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+        )
+        STARTED.append(self.process)
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def expect(self, text: str) -> str:
+        """Read until a line holds `text`; that line."""
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            if line is None:
+                raise AssertionError(f"exited before {text!r}:\n{''.join(self.lines)}")
+            self.lines.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"no {text!r} within {TIMEOUT}s:\n{''.join(self.lines)}")
+
+    def finish(self) -> tuple[int, str]:
+        code = self.process.wait(timeout=TIMEOUT)
+        while (line := self._queue.get(timeout=TIMEOUT)) is not None:
+            self.lines.append(line)
+        return code, "".join(self.lines)
+
+
+class Terminal:
+    """A CLI process on a pseudo-terminal of 120x40, its output read from the master side."""
+
+    def __init__(self, kubeconfig: Path, *args: str) -> None:
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        self.process = subprocess.Popen(
+            cotrain(*args),
+            env=cli_env(kubeconfig, TERM="xterm-256color", COLUMNS="120", LINES="40"),
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=ROOT,
+            close_fds=True,
+        )
+        STARTED.append(self.process)
+        os.close(slave)
+        self.master = master
+        self.output = bytearray()
+        self._changed = threading.Condition()
+        self._done = False
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:  # EIO: the child side is closed
+                chunk = b""
+            with self._changed:
+                if not chunk:
+                    self._done = True
+                    self._changed.notify_all()
+                    return
+                self.output.extend(chunk)
+                self._changed.notify_all()
+
+    def expect(self, pattern: bytes) -> None:
+        with self._changed:
+            if (
+                not self._changed.wait_for(
+                    lambda: re.search(pattern, self.output) is not None or self._done, TIMEOUT
+                )
+                or re.search(pattern, self.output) is None
+            ):
+                raise AssertionError(f"no {pattern!r} on the terminal:\n{self.text()}")
+
+    def finish(self) -> int:
+        code = self.process.wait(timeout=TIMEOUT)
+        with self._changed:
+            self._changed.wait_for(lambda: self._done, TIMEOUT)
+        os.close(self.master)
+        return code
+
+    def text(self) -> str:
+        return bytes(self.output).decode("utf-8", errors="replace")
+
+
+def example(tmp_path: Path, name: str = "mixed-same-gpu") -> Path:
+    document = yaml.safe_load(EXAMPLE.read_text())
+    document["metadata"]["name"] = name
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def condition(kind: str, reason: str, message: str) -> dict[str, Any]:
+    return {
+        "type": kind,
+        "status": "True",
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": "2026-11-22T12:00:00Z",
+    }
+
+
+def report(phase: str, step: int, total: int = 300, **extra: Any) -> dict[str, Any]:
+    return {"phase": phase, "step": step, "totalSteps": total, "loss": 2.0 - step / 300} | extra
+
+
+@pytest.fixture
+def status_writer(kube: Kube, namespace: str) -> Callable[..., None]:
+    def write(name: str, **status: Any) -> None:
+        kube.patch_job_status(namespace, name, status)
+
+    return write
+
+
+def test_submit_through_a_pipe_applies_follows_and_ends_with_the_summary(
+    cluster: ControlPlane,
+    kube: Kube,
+    namespace: str,
+    tmp_path: Path,
+    status_writer: Callable[..., None],
+) -> None:
+    cli = Piped(cluster.kubeconfig, "submit", str(example(tmp_path)), "-n", namespace)
+    assert cli.expect("mixed-same-gpu ") == (
+        f"cotrainjobs.cotrain.dev/mixed-same-gpu created in namespace {namespace}\n"
+    )
+    cli.expect(FOLLOWING)
+    managers = [
+        m["manager"] for m in kube.job(namespace, "mixed-same-gpu")["metadata"]["managedFields"]
+    ]
+    assert managers == ["cotrain-cli"]
+
+    status_writer("mixed-same-gpu", phase="Pending")
+    cli.expect("cotrainjob mixed-same-gpu: Pending")
+    running = {"torch-mlp": report("Running", 0), "tf-mlp": report("Running", 0)}
+    status_writer("mixed-same-gpu", phase="Running", members=running)
+    cli.expect("[tf-mlp] Running")
+    status_writer("mixed-same-gpu", members={"torch-mlp": report("Running", 150)})
+    cli.expect("[torch-mlp] step 150/300")
+    done = {
+        "torch-mlp": report("Succeeded", 300, reason="Completed", samplesPerSecond=1234.0),
+        "tf-mlp": report("Succeeded", 300, reason="Completed"),
+    }
+    status_writer(
+        "mixed-same-gpu",
+        phase="Succeeded",
+        members=done,
+        conditions=[condition("Succeeded", "AllMembersSucceeded", "both members finished")],
+    )
+    code, output = cli.finish()
+    assert code == 0, output
+    assert "\x1b[" not in output
+    assert "[tf-mlp] step 300/300" in output
+    table = output[output.index("member") :]
+    assert re.search(r"torch-mlp\s+PyTorch\s+Succeeded\s+300/300", table), output
+    assert re.search(r"tf-mlp\s+TensorFlow\s+Succeeded\s+300/300", table), output
+    assert "1,234" in table
+    assert (
+        "cotrainjob mixed-same-gpu: Succeeded (AllMembersSucceeded: both members finished)"
+        in output
+    )
+
+
+def test_a_submitted_job_that_fails_exits_1_with_its_reasons(
+    cluster: ControlPlane, namespace: str, tmp_path: Path, status_writer: Callable[..., None]
+) -> None:
+    cli = Piped(cluster.kubeconfig, "submit", str(example(tmp_path, "doomed")), "-n", namespace)
+    cli.expect(FOLLOWING)
+    status_writer(
+        "doomed",
+        phase="Failed",
+        members={
+            "torch-mlp": report("Succeeded", 300, reason="Completed"),
+            "tf-mlp": report("Failed", 12, reason="GPUOutOfMemory", message="CUDA out of memory"),
+        },
+        conditions=[condition("Failed", "MembersFailed", "member tf-mlp failed")],
+    )
+    code, output = cli.finish()
+    assert code == 1, output
+    assert "\x1b[" not in output
+    assert "cotrainjob doomed: Failed (MembersFailed: member tf-mlp failed)" in output
+    assert "failed: MembersFailed: member tf-mlp failed" in output
+    assert "  tf-mlp: GPUOutOfMemory: CUDA out of memory" in output
+    assert re.search(r"tf-mlp\s+TensorFlow\s+Failed\s+12/300", output), output
+
+
+def test_resubmitting_is_unchanged_or_configured_and_never_forces_a_conflict(
+    cluster: ControlPlane, kube: Kube, namespace: str, tmp_path: Path
+) -> None:
+    path = example(tmp_path, "again")
+    first = run_cli(cluster.kubeconfig, "submit", str(path), "-n", namespace, "--no-follow")
+    assert first.returncode == 0, first.stderr
+    assert "cotrainjobs.cotrain.dev/again created" in first.stdout
+    second = run_cli(cluster.kubeconfig, "submit", str(path), "-n", namespace, "--no-follow")
+    assert "cotrainjobs.cotrain.dev/again unchanged" in second.stdout, second
+    document = yaml.safe_load(path.read_text())
+    document["spec"]["members"][0]["steps"] = 200
+    path.write_text(yaml.safe_dump(document))
+    third = run_cli(cluster.kubeconfig, "submit", str(path), "-n", namespace, "--no-follow")
+    assert "cotrainjobs.cotrain.dev/again configured" in third.stdout, third
+
+    # Someone else takes over the run policy; the file says otherwise: a conflict, not forced.
+    patch = json.dumps({"spec": {"runPolicy": {"backoffLimit": 5}}})
+    cluster.kubectl(
+        "patch", "cotrainjob", "again", "-n", namespace, "--type=merge",
+        "--field-manager=someone-else", "-p", patch,
+    )  # fmt: skip
+    document["spec"]["runPolicy"] = {"backoffLimit": 1}
+    path.write_text(yaml.safe_dump(document))
+    conflict = run_cli(cluster.kubeconfig, "submit", str(path), "-n", namespace, "--no-follow")
+    assert conflict.returncode == 1
+    assert "Traceback" not in conflict.stderr
+    (line,) = conflict.stderr.splitlines()
+    assert "someone-else" in line
+    assert "--force-conflicts" in line
+    assert kube.job(namespace, "again")["spec"]["runPolicy"]["backoffLimit"] == 5
+
+
+def test_an_invalid_file_is_refused_before_any_request(tmp_path: Path) -> None:
+    document = yaml.safe_load(EXAMPLE.read_text())
+    document["spec"]["members"][1]["name"] = "torch-mlp"
+    path = tmp_path / "dup.yaml"
+    path.write_text(yaml.safe_dump(document))
+    ran = run_cli(tmp_path / "no-such-kubeconfig", "submit", str(path))
+    assert ran.returncode == 1
+    assert "CoTrainJob is invalid" in ran.stdout
+
+
+def test_status_watch_on_a_terminal_draws_progress_bars_to_the_end(
+    cluster: ControlPlane, namespace: str, tmp_path: Path, status_writer: Callable[..., None]
+) -> None:
+    path = example(tmp_path, "bars")
+    applied = run_cli(cluster.kubeconfig, "submit", str(path), "-n", namespace, "--no-follow")
+    assert applied.returncode == 0, applied.stderr
+    term = Terminal(cluster.kubeconfig, "status", "bars", "-w", "-n", namespace)
+    term.expect(FOLLOWING.encode())
+    status_writer("bars", phase="Running", members={"torch-mlp": report("Running", 30)})
+    term.expect(rb"30/300")
+    status_writer("bars", members={"torch-mlp": report("Running", 150)})
+    term.expect(rb"150/300")
+    status_writer(
+        "bars",
+        phase="Succeeded",
+        members={
+            "torch-mlp": report("Succeeded", 300, reason="Completed"),
+            "tf-mlp": report("Succeeded", 300, reason="Completed"),
+        },
+    )
+    assert term.finish() == 0, term.text()
+    text = term.text()
+    assert "\x1b[" in text
+    assert "━" in text
+    final = text[text.rindex("member") :]
+    assert re.search(r"torch-mlp\s+PyTorch\s+\S*Succeeded\S*\s+300/300", final), text
+
+
+def test_ctrl_c_stops_following_and_leaves_the_job_running(
+    cluster: ControlPlane, kube: Kube, namespace: str, tmp_path: Path
+) -> None:
+    cli = Piped(cluster.kubeconfig, "submit", str(example(tmp_path, "left")), "-n", namespace)
+    cli.expect(FOLLOWING)
+    cli.process.send_signal(signal.SIGINT)
+    code, output = cli.finish()
+    assert code == 130, output
+    assert f"keeps running in namespace {namespace}" in output
+    assert f"cotrain status left -w -n {namespace}" in output
+    assert kube.job(namespace, "left")["metadata"]["name"] == "left"
+
+
+def test_status_lists_jobs_shows_one_and_says_when_one_is_missing(
+    cluster: ControlPlane, kube: Kube, namespace: str, status_writer: Callable[..., None]
+) -> None:
+    for name in ("alpha", "beta"):
+        document = yaml.safe_load(EXAMPLE.read_text())
+        document["metadata"]["name"] = name
+        kube.create_job(namespace, document)
+    status_writer("alpha", phase="Running", readyMembers="2/2", progress="45%",
+                  members={"torch-mlp": report("Running", 135)})  # fmt: skip
+    listed = run_cli(cluster.kubeconfig, "status", "-n", namespace)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "PHASE", "READY", "PROGRESS", "AGE"]
+    assert lines[1].split()[:4] == ["alpha", "Running", "2/2", "45%"]
+    assert lines[2].split()[0] == "beta"
+
+    shown = run_cli(cluster.kubeconfig, "status", "alpha", "-n", namespace)
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"torch-mlp\s+PyTorch\s+Running\s+135/300", shown.stdout), shown.stdout
+    assert re.search(r"tf-mlp\s+TensorFlow\s+Pending", shown.stdout), shown.stdout
+    assert "cotrainjob alpha: Running" in shown.stdout
+
+    missing = run_cli(cluster.kubeconfig, "status", "gamma", "-n", namespace)
+    assert missing.returncode == 1
+    assert missing.stderr == (
+        f"cotrain: cotrainjob gamma not found in namespace {namespace} "
+        "(`cotrain status` lists the namespace's jobs)\n"
+    )
+    watched = run_cli(cluster.kubeconfig, "status", "gamma", "-w", "-n", namespace)
+    assert (watched.returncode, watched.stderr) == (1, missing.stderr)
+
+
+def kubeconfig(
+    path: Path, cluster: ControlPlane, contexts: dict[str, tuple[str, str | None]], current: str
+) -> Path:
+    """A kubeconfig of `contexts`: name -> (server, namespace), as the admin."""
+    path.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [
+                    {
+                        "name": name,
+                        "cluster": {
+                            "server": server,
+                            "certificate-authority": str(cluster.ca_file),
+                        },
+                    }
+                    for name, (server, _) in contexts.items()
+                ],
+                "users": [{"name": "admin", "user": {"token": cluster.token}}],
+                "contexts": [
+                    {
+                        "name": name,
+                        "context": {"cluster": name, "user": "admin"}
+                        | ({"namespace": ns} if ns else {}),
+                    }
+                    for name, (_, ns) in contexts.items()
+                ],
+                "current-context": current,
+            }
+        )
+    )
+    return path
+
+
+@pytest.fixture
+def one_job(kube: Kube, namespace: str) -> str:
+    document = yaml.safe_load(EXAMPLE.read_text())
+    kube.create_job(namespace, document)
+    return str(document["metadata"]["name"])
+
+
+def test_context_and_namespace_are_chosen_as_kubectl_chooses_them(
+    cluster: ControlPlane, namespace: str, tmp_path: Path, one_job: str
+) -> None:
+    wrong = f"https://127.0.0.1:{free_port()}"
+    both = kubeconfig(
+        tmp_path / "both",
+        cluster,
+        {"broken": (wrong, None), "right": (cluster.server, namespace)},
+        current="broken",
+    )
+    unreachable = run_cli(None, "status", "--kubeconfig", str(both))
+    assert unreachable.returncode == 1
+    (line,) = unreachable.stderr.splitlines()
+    assert f"cannot reach the API server {wrong}" in line
+    assert "context broken" in line
+
+    chosen = run_cli(None, "status", "--kubeconfig", str(both), "--context", "right")
+    assert chosen.returncode == 0, chosen.stderr
+    assert chosen.stdout.splitlines()[1].split()[0] == one_job  # the context's namespace
+    elsewhere = run_cli(
+        None, "status", "--kubeconfig", str(both), "--context", "right", "-n", "default"
+    )
+    assert (elsewhere.returncode, elsewhere.stdout) == (0, "")
+    assert elsewhere.stderr == "No CoTrainJob in namespace default.\n"
+
+    unknown = run_cli(None, "status", "--kubeconfig", str(both), "--context", "nope")
+    assert unknown.returncode == 1
+    assert "context 'nope' is not in kubeconfig" in unknown.stderr
+    assert "broken, right" in unknown.stderr
+
+
+def test_kubeconfig_lists_merge_and_the_first_current_context_wins(
+    cluster: ControlPlane, namespace: str, tmp_path: Path, one_job: str
+) -> None:
+    right = kubeconfig(tmp_path / "a", cluster, {"right": (cluster.server, namespace)}, "right")
+    wrong = f"https://127.0.0.1:{free_port()}"
+    broken = kubeconfig(tmp_path / "b", cluster, {"broken": (wrong, None)}, "broken")
+    merged = f"{right}{os.pathsep}{tmp_path / 'absent'}{os.pathsep}{broken}"
+    listed = run_cli(merged, "status")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[1].split()[0] == one_job
+    other = run_cli(merged, "status", "--context", "broken")
+    assert other.returncode == 1
+    assert f"cannot reach the API server {wrong}" in other.stderr
+
+    nothing = run_cli(tmp_path / "absent", "status")
+    assert nothing.returncode == 1
+    assert nothing.stderr.startswith("cotrain: no kubeconfig: none found at KUBECONFIG=")
+
+
+def test_logs_of_an_unknown_member_lists_the_members(
+    cluster: ControlPlane, namespace: str, one_job: str
+) -> None:
+    ran = run_cli(cluster.kubeconfig, "logs", one_job, "nobody", "-n", namespace)
+    assert ran.returncode == 1
+    assert ran.stderr == (
+        f"cotrain: cotrainjob {one_job} has no member 'nobody'; its members: torch-mlp, tf-mlp\n"
+    )
+    pending = run_cli(cluster.kubeconfig, "logs", one_job, "tf-mlp", "-n", namespace)
+    assert pending.returncode == 1
+    assert f"cotrainjob {one_job} has no trainer pod holding member tf-mlp yet" in pending.stderr
