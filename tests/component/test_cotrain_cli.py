@@ -6,19 +6,10 @@ as the operator and the trainers do, each write made only once the CLI has said 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import pty
-import queue
 import re
 import signal
-import struct
-import subprocess
-import sys
-import termios
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,15 +18,12 @@ import pytest
 import yaml
 
 from tests.controlplane.cluster import ControlPlane, free_port
+from tests.fixtures.cotrain_cli import Piped, Terminal, run_cli, stop_all
 from tests.fixtures.kube import Kube
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "mixed-same-gpu.yaml"
 FOLLOWING = "following cotrainjob"
-TIMEOUT = 60.0  # a failsafe: every wait below ends on an event, never on time
-
-
-STARTED: list[subprocess.Popen[Any]] = []
 
 
 @pytest.fixture
@@ -46,137 +34,7 @@ def namespace_prefix() -> str:
 @pytest.fixture(autouse=True)
 def _no_cli_left_running() -> Iterator[None]:
     yield
-    while STARTED:
-        process = STARTED.pop()
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
-
-
-def cli_env(kubeconfig: Path | str | None, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)  # PYTHONPATH passes through: the worktree's own package
-    env.pop("KUBECONFIG", None)
-    if kubeconfig is not None:
-        env["KUBECONFIG"] = str(kubeconfig)
-    return env | extra
-
-
-def cotrain(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cotrain_trainer.cli", *args]
-
-
-def run_cli(kubeconfig: Path | str | None, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        cotrain(*args),
-        env=cli_env(kubeconfig),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        cwd=ROOT,
-        check=False,
-    )
-
-
-class Piped:
-    """A CLI process whose stdout and stderr are one pipe, read line by line."""
-
-    def __init__(self, kubeconfig: Path, *args: str) -> None:
-        self.process = subprocess.Popen(
-            cotrain(*args),
-            env=cli_env(kubeconfig),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            cwd=ROOT,
-        )
-        STARTED.append(self.process)
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self._queue.put(line)
-        self._queue.put(None)
-
-    def expect(self, text: str) -> str:
-        """Read until a line holds `text`; that line."""
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            if line is None:
-                raise AssertionError(f"exited before {text!r}:\n{''.join(self.lines)}")
-            self.lines.append(line)
-            if text in line:
-                return line
-        raise AssertionError(f"no {text!r} within {TIMEOUT}s:\n{''.join(self.lines)}")
-
-    def finish(self) -> tuple[int, str]:
-        code = self.process.wait(timeout=TIMEOUT)
-        while (line := self._queue.get(timeout=TIMEOUT)) is not None:
-            self.lines.append(line)
-        return code, "".join(self.lines)
-
-
-class Terminal:
-    """A CLI process on a pseudo-terminal of 120x40, its output read from the master side."""
-
-    def __init__(self, kubeconfig: Path, *args: str) -> None:
-        master, slave = pty.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-        self.process = subprocess.Popen(
-            cotrain(*args),
-            env=cli_env(kubeconfig, TERM="xterm-256color", COLUMNS="120", LINES="40"),
-            stdin=slave,
-            stdout=slave,
-            stderr=slave,
-            cwd=ROOT,
-            close_fds=True,
-        )
-        STARTED.append(self.process)
-        os.close(slave)
-        self.master = master
-        self.output = bytearray()
-        self._changed = threading.Condition()
-        self._done = False
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                chunk = os.read(self.master, 65536)
-            except OSError:  # EIO: the child side is closed
-                chunk = b""
-            with self._changed:
-                if not chunk:
-                    self._done = True
-                    self._changed.notify_all()
-                    return
-                self.output.extend(chunk)
-                self._changed.notify_all()
-
-    def expect(self, pattern: bytes) -> None:
-        with self._changed:
-            if (
-                not self._changed.wait_for(
-                    lambda: re.search(pattern, self.output) is not None or self._done, TIMEOUT
-                )
-                or re.search(pattern, self.output) is None
-            ):
-                raise AssertionError(f"no {pattern!r} on the terminal:\n{self.text()}")
-
-    def finish(self) -> int:
-        code = self.process.wait(timeout=TIMEOUT)
-        with self._changed:
-            self._changed.wait_for(lambda: self._done, TIMEOUT)
-        os.close(self.master)
-        return code
-
-    def text(self) -> str:
-        return bytes(self.output).decode("utf-8", errors="replace")
+    stop_all()
 
 
 def example(tmp_path: Path, name: str = "mixed-same-gpu") -> Path:

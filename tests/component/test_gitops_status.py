@@ -11,12 +11,11 @@ import copy
 import json
 import subprocess
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.controlplane.tools import ToolNotBuilt, built_tool
+from tests.controlplane.tools import ToolNotBuiltError, built_tool
 from tests.fixtures.jobs import JobBuilder
 from tests.fixtures.kube import Kube, wait_for
 
@@ -27,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("operator")
 def kstatus() -> Callable[[dict[str, Any]], str]:
     try:
         binary = built_tool("kstatus")
-    except ToolNotBuilt as error:
+    except ToolNotBuiltError as error:
         pytest.fail(str(error))
 
     def compute(job: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-class ToolNotBuilt(RuntimeError):
+class ToolNotBuiltError(RuntimeError):
     """The tool's build for the current inputs is missing: run `bash .ci/setup --tests`."""
 
 
@@ -26,5 +26,6 @@ def built_tool(name: str) -> Path:
         timeout=60,
     )
     if found.returncode != 0:
-        raise ToolNotBuilt(found.stderr.strip() or f"{name} is not built: bash .ci/setup --tests")
+        missing = f"{name} is not built: bash .ci/setup --tests"
+        raise ToolNotBuiltError(found.stderr.strip() or missing)
     return Path(found.stdout.strip().splitlines()[-1])

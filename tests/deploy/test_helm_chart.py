@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from cotrain_operator.reconcile.access import render_trainer_access_chart
-from tests.controlplane.tools import ToolNotBuilt, built_tool
+from tests.controlplane.tools import ToolNotBuiltError, built_tool
 from tests.deploy.conftest import DEPLOY, ROOT, find, load_documents
 from tests.deploy.test_manifests import (
     Render,
@@ -44,7 +44,7 @@ Objects = dict[tuple[str, str, str], dict[str, Any]]
 def helm() -> Path:
     try:
         return built_tool("helm")
-    except ToolNotBuilt as error:
+    except ToolNotBuiltError as error:
         pytest.fail(str(error))
 
 
@@ -75,7 +75,7 @@ def _normalized(document: dict[str, Any]) -> dict[str, Any]:
     pod = document.get("spec", {}).get("template", {}).get("spec", {})
     for container in pod.get("containers", []):
         container["env"] = sorted(container.get("env", []), key=lambda e: e["name"])
-    return document  # type: ignore[no-any-return]
+    return document
 
 
 def objects(documents: list[dict[str, Any]]) -> Objects:
@@ -135,9 +135,7 @@ def test_the_chart_renders_what_kustomize_does(
     else:  # production with one of deploy/components
         expected = production_with(kustomization, kubectl, tmp_path)
     differences = drift(expected, render(helm, *values))
-    assert not differences, "the chart and kustomize have drifted apart:\n" + "\n".join(
-        differences
-    )
+    assert not differences, "the chart and kustomize have drifted apart:\n" + "\n".join(differences)
 
 
 def test_a_kustomize_object_changed_alone_is_drift(

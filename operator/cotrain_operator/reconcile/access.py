@@ -181,7 +181,9 @@ def render_trainer_access_yaml() -> str:
 
 # What the chart's copy templates: each object's labels (the chart's, with Helm's own) and the
 # binding's validation actions (values.yaml: trainerPolicy.validationActions).
-_CHART_LABELS = '\n    {{- include "cotrain.labels" (dict "component" "trainer" "root" $) | nindent 4 }}'
+_CHART_LABELS = (
+    '\n    {{- include "cotrain.labels" (dict "component" "trainer" "root" $) | nindent 4 }}'
+)
 _CHART_ACTIONS = "\n  {{- toYaml .Values.trainerPolicy.validationActions | nindent 2 }}"
 
 
