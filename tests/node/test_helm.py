@@ -3,7 +3,7 @@ with the images built here, a job to Succeeded, `helm upgrade` to watch one name
 operator pod replaced, its namespaced verbs granted there alone, a job there to Succeeded, one
 elsewhere untouched), then `helm uninstall`, which leaves the CRD and the jobs.
 
-The session's cluster already holds what `install_cotrain` applies (deploy/base's RBAC and the
+The session's cluster may already hold what `install_cotrain` applies (deploy/base's RBAC and the
 trainer policy, by kubectl): the install takes those objects over (`--take-ownership`, the way
 from a kustomize install to Helm), and the test puts them back after the uninstall.
 """
@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.controlplane.cluster import ControlPlane
 from tests.controlplane.images import LocalImage
@@ -110,9 +111,16 @@ def _can_i(cp: ControlPlane, verb: str, resource: str, ns: str) -> bool:
     return ran.stdout.strip() == "yes"
 
 
-def _metrics(pod: dict[str, Any]) -> str:
+def _member_series(pod: dict[str, Any], metric: str, job: str) -> dict[str, float]:
+    """{member: value} of the job's series of `metric`, scraped from the operator pod."""
     with urllib.request.urlopen(f"http://{pod['status']['podIP']}:8080/metrics", timeout=10) as r:
-        return r.read().decode()  # type: ignore[no-any-return]
+        text = r.read().decode()
+    return {
+        sample.labels["member"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == metric and sample.labels.get("job") == job
+    }
 
 
 @pytest.fixture
@@ -124,6 +132,8 @@ def helm(time_slicing_node: RealNode, tmp_path: Path) -> Iterator[Helm]:
         pytest.fail(str(error))
     # Another test's kustomize Deployment would run a second operator beside the chart's.
     cp.kubectl("delete", "deploy", "cotrain-operator", "-n", SYSTEM, "--wait=true", check=False)
+    # The namespace as the chart's README creates it: before the install, Pod Security enforced.
+    cp.kubectl("apply", "--server-side", "-f", str(ROOT / "deploy" / "base" / "namespace.yaml"))
     helm = Helm(binary, cp, tmp_path / "helm")
     try:
         yield helm
@@ -165,13 +175,12 @@ def test_helm_installs_upgrades_and_uninstalls_the_operator(
     _a_job(cp, ns, "helm-installed")
     _succeeded(cp, ns, "helm-installed")
     # The per-member series of the job, on the operator's own metrics port, until it goes.
-    labels = f'namespace="{ns}",job="helm-installed",member="torch-mlp"'
-    series = f"cotrain_member_step{{{labels}}} 200.0"
-    assert series in _metrics(first)
+    steps = _member_series(first, "cotrain_member_step", "helm-installed")
+    assert steps == {"torch-mlp": 200.0, "tf-mlp": 200.0}
     cp.kubectl("delete", "cotrainjob", "helm-installed", "-n", ns, "--wait=true")
     until(
         "the job's member series gone",
-        lambda: 'job="helm-installed"' not in _metrics(first) or None,
+        lambda: _member_series(first, "cotrain_member_step", "helm-installed") == {} or None,
     )
 
     # Upgrade: watch one namespace. The Deployment rolls (Recreate) to a pod with the flag.
