@@ -19,7 +19,8 @@ import yaml
 
 from tests.controlplane.cluster import ControlPlane, free_port
 from tests.fixtures.cotrain_cli import Piped, Terminal, run_cli, stop_all
-from tests.fixtures.kube import Kube
+from tests.fixtures.faultproxy import running_proxy, write_proxy_kubeconfig
+from tests.fixtures.kube import Kube, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "mixed-same-gpu.yaml"
@@ -356,3 +357,65 @@ def test_logs_of_an_unknown_member_lists_the_members(
     pending = run_cli(cluster.kubeconfig, "logs", one_job, "tf-mlp", "-n", namespace)
     assert pending.returncode == 1
     assert f"cotrainjob {one_job} has no trainer pod holding member tf-mlp yet" in pending.stderr
+
+
+def test_a_follow_survives_a_dropped_watch_and_an_expired_resource_version(
+    cluster: ControlPlane, namespace: str, tmp_path: Path, status_writer: Callable[..., None]
+) -> None:
+    path = example(tmp_path, "resumed")
+    applied = run_cli(cluster.kubeconfig, "submit", str(path), "-n", namespace, "--no-follow")
+    assert applied.returncode == 0, applied.stderr
+    jobs = f"/apis/cotrain.dev/v1alpha1/namespaces/{namespace}/cotrainjobs"
+    with running_proxy(cluster.server, cluster.ca_file) as proxy:
+        through = write_proxy_kubeconfig(tmp_path / "proxy.kubeconfig", proxy, cluster.token)
+        cli = Piped(through, "status", "resumed", "-w", "-n", namespace)
+        cli.expect(FOLLOWING)
+        wait_for("the CLI's watch open", lambda: proxy.open_watches() == 1)
+        # The watch cut, as a load balancer cuts it; its resumption answered 410 Gone, as when
+        # the server has compacted the version it resumes from: the CLI lists again.
+        gone = proxy.fail("GET", f"^{jobs}$", 410)
+        assert proxy.drop_watches() == 1
+        wait_for("the 410 answered", lambda: gone.hits == 1)
+        wait_for("a new watch open", lambda: proxy.open_watches() == 1)
+        status_writer("resumed", phase="Running", members={"torch-mlp": report("Running", 60)})
+        cli.expect("[torch-mlp] step 60/300")
+        status_writer(
+            "resumed",
+            phase="Succeeded",
+            members={
+                "torch-mlp": report("Succeeded", 300, reason="Completed"),
+                "tf-mlp": report("Succeeded", 300, reason="Completed"),
+            },
+        )
+        code, output = cli.finish()
+        watches = [r for r in proxy.requests("GET", f"^{jobs}$") if r.watch]
+        lists = [r for r in proxy.requests("GET", f"^{jobs}$") if not r.watch]
+    assert code == 0, output
+    assert len(watches) >= 3, watches  # the first, the one answered 410, the one after
+    assert len(lists) >= 2, lists  # the first list, and the list after the 410
+    assert "Traceback" not in output
+
+
+def test_refused_credentials_and_missing_rights_are_one_line_each(
+    cluster: ControlPlane, namespace: str, tmp_path: Path, one_job: str
+) -> None:
+    def as_token(token: str, name: str) -> Path:
+        path = kubeconfig(tmp_path / name, cluster, {"c": (cluster.server, namespace)}, "c")
+        document = json.loads(path.read_text())
+        document["users"] = [{"name": "admin", "user": {"token": token}}]
+        path.write_text(json.dumps(document))
+        return path
+
+    refused = run_cli(as_token("not-a-token", "bogus"), "status", one_job)
+    assert refused.returncode == 1
+    (line,) = refused.stderr.splitlines()
+    assert "refused the credentials of context c (401 Unauthorized)" in line
+
+    # A ServiceAccount with no role at all: authenticated, and forbidden.
+    nobody = cluster.service_account_token(namespace, "nobody")
+    forbidden = run_cli(as_token(nobody, "nobody"), "status", one_job)
+    assert forbidden.returncode == 1
+    (line,) = forbidden.stderr.splitlines()
+    assert line.startswith("cotrain: forbidden to "), line
+    assert f"namespace {namespace}" in line, line
+    assert "ask for RBAC on cotrainjobs.cotrain.dev" in line
