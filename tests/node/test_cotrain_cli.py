@@ -70,8 +70,9 @@ def test_submit_on_a_terminal_draws_bars_and_ends_with_the_summary(
     for member in MEMBERS:
         assert re.search(rf"{member}\s.*Succeeded.*300/300", summary), summary
 
-    # The same pod ran both members; each one's own lines, by name.
-    logs = run_cli(cp.kubeconfig, "logs", "mixed-same-gpu", "torch-mlp", "-n", ns)
+    # The same pod ran both members; each one's own lines, by name (-f: the stream the API
+    # server follows, which ends with the container that has ended).
+    logs = run_cli(cp.kubeconfig, "logs", "mixed-same-gpu", "torch-mlp", "-f", "-n", ns)
     assert logs.returncode == 0, logs.stderr
     lines = logs.stdout.splitlines()
     assert lines, logs.stderr
