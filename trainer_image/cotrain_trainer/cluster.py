@@ -408,14 +408,6 @@ def follow(cluster: Cluster, name: str, out: TextIO) -> int:
         ProgressView(members, console) if console.is_terminal else PodLogLines(out)
     )
     phase = job_phase(job)
-    console.print(
-        f"following {KIND.lower()} {name} in namespace {cluster.namespace} "
-        "(Ctrl-C stops following, not the job)",
-        markup=False,
-        soft_wrap=True,
-    )
-    if phase is not None:
-        console.print(f"{KIND.lower()} {name}: {phase.value}", markup=False, soft_wrap=True)
 
     def feed(job: Mapping[str, Any]) -> None:
         statuses = member_statuses(job)
@@ -425,7 +417,15 @@ def follow(cluster: Cluster, name: str, out: TextIO) -> int:
 
     live = view if isinstance(view, ProgressView) else contextlib.nullcontext()
     deleted = False
-    try:
+    try:  # from the line that says Ctrl-C is safe on: a Ctrl-C after it gets the answer
+        console.print(
+            f"following {KIND.lower()} {name} in namespace {cluster.namespace} "
+            "(Ctrl-C stops following, not the job)",
+            markup=False,
+            soft_wrap=True,
+        )
+        if phase is not None:
+            console.print(f"{KIND.lower()} {name}: {phase.value}", markup=False, soft_wrap=True)
         with live:
             feed(job)
             if exit_code(phase) is None:
