@@ -12,6 +12,11 @@ and the reporting overhead: the cost of the PyTorch hook / Keras callback per st
 a step, and the supervisor's CPU time as a share of the members'. Targets: concurrent with caps
 >= 1.0x sequential; reporting overhead <= 1%.
 
+And co-training against its limit: the most two members can do side by side on this machine is
+each one's throughput alone at its capped thread count, summed (no interference). Printed for the
+pair above and for a lopsided pair (a PyTorch member with an eighth of the batch beside the
+TensorFlow one), with each member's rate together over its rate alone. Target: >= 95%.
+
 Then data-parallel overhead, per framework: the same global samples trained by one process
 (global batch `--batch`, every core) and by two data-parallel processes (half the batch each,
 half the cores each: DDP over gloo, MultiWorkerMirroredStrategy over loopback), as a ratio of
@@ -90,6 +95,25 @@ def members(steps: int, batch: int) -> list[Member]:
     ]
 
 
+SMALL = 8  # the small member's batch is the big one's / SMALL
+
+
+def small_member(steps: int, batch: int) -> Member:
+    """A PyTorch member much smaller than its TensorFlow co-tenant (an eighth of its batch), as
+    co-location is used in practice: a small experiment beside a large run. As many steps, so
+    it trains for a good part of the large one's time."""
+    return Member.model_validate(
+        {
+            "name": "torch-small",
+            "framework": "PyTorch",
+            "model": "MLP",
+            "steps": steps * 2,
+            "batchSize": max(1, batch // SMALL),
+            "learningRate": 0.001,
+        }
+    )
+
+
 def supervise(
     chosen: list[Member],
     threads: int,
@@ -149,16 +173,57 @@ def sequential(chosen: list[Member], threads: int, work: Path) -> tuple[float, d
     return samples / seconds, rates
 
 
-def concurrent(chosen: list[Member], threads: int, work: Path) -> tuple[float, float, Run]:
+def concurrent(
+    chosen: list[Member], threads: int, work: Path, label: str = "both"
+) -> tuple[float, float, Run]:
     """Aggregate rate while both train: the samples each did in the window where both were
     training, over that window (and the window's length)."""
-    run = supervise(chosen, threads, work / f"both-{threads}")
+    run = supervise(chosen, threads, work / f"{label}-{threads}")
+    rates, window = window_rates(run)
+    return sum(rates.values()), window, run
+
+
+def window_rates(run: Run) -> tuple[dict[str, float], float]:
+    """Each member's samples/s in the window where every member was training, and its length."""
     start = max(t.start for t in run.traces.values())
     end = min(t.end for t in run.traces.values())
     if end <= start:
         raise SystemExit("the members never trained at the same time: raise --steps")
-    samples = sum((t.step_at(end) - t.step_at(start)) * t.batch for t in run.traces.values())
-    return samples / (end - start), end - start, run
+    rates = {
+        name: (t.step_at(end) - t.step_at(start)) * t.batch / (end - start)
+        for name, t in run.traces.items()
+    }
+    return rates, end - start
+
+
+@dataclass(frozen=True)
+class Limit:
+    """Concurrent members against the limit of co-training: each member's rate alone at its
+    capped thread count, summed (what they would reach side by side with no interference)."""
+
+    pair: str
+    alone: dict[str, float]  # samples/s of each member alone, capped
+    together: dict[str, float]  # samples/s of each while both trained, capped
+    window: float
+
+    @property
+    def share(self) -> float:
+        return sum(self.together.values()) / sum(self.alone.values())
+
+
+def print_limits(limits: list[Limit], threads: int) -> None:
+    print(f"co-training against its limit ({threads} thread(s) each; target >= 95%)")
+    print(f"{'pair':<44} {'limit':>10} {'together':>10} {'share':>7}  per member (together/alone)")
+    for limit in limits:
+        members = ", ".join(
+            f"{name} {limit.together[name]:,.0f}/{limit.alone[name]:,.0f}"
+            f" {limit.together[name] / limit.alone[name]:.0%}"
+            for name in limit.alone
+        )
+        print(
+            f"{limit.pair:<44} {sum(limit.alone.values()):>10,.0f} "
+            f"{sum(limit.together.values()):>10,.0f} {limit.share:>6.1%}  {members}"
+        )
 
 
 @dataclass(frozen=True)
@@ -261,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         seq_capped, alone_capped = sequential(chosen, capped, work)
         conc_free, window_free, _ = concurrent(chosen, cores, work)
         conc_capped, window_capped, capped_run = concurrent(chosen, capped, work)
+        small = small_member(args.steps, args.batch)
+        _, alone_small = sequential([small], capped, work)
+        _, _, lopsided_run = concurrent([small, chosen[1]], capped, work, label="lopsided")
         costs = hook_costs(20_000, work)
         dp_rows = [
             data_parallel(fw, args.dp_steps, args.batch, cores, work)
@@ -285,6 +353,21 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"alone, {capped} thread(s): "
         + ", ".join(f"{k} {v:,.0f}/s" for k, v in alone_capped.items())
+    )
+    print()
+    together, window = window_rates(capped_run)
+    lopsided, lopsided_window = window_rates(lopsided_run)
+    print_limits(
+        [
+            Limit(f"torch + tf, batch {args.batch} each", alone_capped, together, window),
+            Limit(
+                f"torch-small (batch {small.batch_size}) + tf ({args.batch})",
+                {"torch-small": alone_small["torch-small"], "tf": alone_capped["tf"]},
+                lopsided,
+                lopsided_window,
+            ),
+        ],
+        capped,
     )
     print()
     print(f"{'reporting overhead':<44} {'per step':>10} {'of a step':>12}")

@@ -50,6 +50,23 @@ def pod_log_line(source: str, text: str) -> str:
     return f"[{source}] {text}\n"
 
 
+def first_step_line(
+    spawned: float, launched: float | None, started: float | None, first: float
+) -> str:
+    """Where a member's start-up went, from its process's spawn to its first step (wall-clock
+    seconds): Python and CoTrain's own imports, then its framework's import and the caps, then
+    the step itself. Parts the member did not report (its own command) are left out."""
+    parts = []
+    if launched is not None and started is not None and spawned <= launched <= started <= first:
+        parts = [
+            f"Python and CoTrain {launched - spawned:.2f} s",
+            f"framework and caps {started - launched:.2f} s",
+            f"first step {first - started:.2f} s",
+        ]
+    detail = f" ({', '.join(parts)})" if parts else ""
+    return f"first step {first - spawned:.2f} s after its process was started{detail}"
+
+
 def line_member(line: str) -> str | None:
     """The member a pod log line came from; None for the supervisor's own lines."""
     found = _SOURCE.match(line)

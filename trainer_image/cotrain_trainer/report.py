@@ -341,8 +341,9 @@ class ProgressEvent(BaseModel):
     reason: str | None = None
     message: str | None = None
     caps: dict[str, Any] | None = None
+    launched: float | None = None  # of a started event: when the process began (wall clock)
 
-    @field_validator("loss", "samples_per_second", "time")
+    @field_validator("loss", "samples_per_second", "time", "launched")
     @classmethod
     def _finite_only(cls, value: float | None) -> float | None:
         return _finite(value)

@@ -46,7 +46,7 @@ from cotrain_operator.api.contract import (
 )
 from cotrain_operator.api.models import Member, MemberPhase, MemberStatus, SuccessPolicy
 from cotrain_trainer.caps import member_launch, with_python_first
-from cotrain_trainer.console import log_source, pod_log_line
+from cotrain_trainer.console import first_step_line, log_source, pod_log_line
 from cotrain_trainer.distributed import Rank, member_ranks, rank_env, spans_pods
 from cotrain_trainer.fault import Usage, culprits, memory_limit_bytes, resident_bytes_by_group
 from cotrain_trainer.gpu import NoGpu, Telemetry
@@ -271,6 +271,11 @@ class _RankRun:
     failure: ProgressEvent | None = None
     end: RunEnd | None = None
     oom_kills_at_start: int | None = None
+    # This run's start-up (wall clock): spawned here, then what its started event says; the
+    # first step's line is echoed once per run.
+    spawned: float | None = None
+    launched: float | None = None
+    started: float | None = None
 
     @property
     def is_chief(self) -> bool:
@@ -554,6 +559,7 @@ class Supervisor:
             return
         assert process.stdout is not None  # stdout=PIPE
         rank.process = process
+        rank.spawned, rank.launched, rank.started = time.time(), None, None
         prefix = log_source(member.name, None if len(member.ranks) == 1 else rank.rank.rank)
         rank.output = OutputPump(prefix, process.stdout, log_file, self.echo)
 
@@ -566,6 +572,7 @@ class Supervisor:
                     rank.failure = event
                 if not rank.is_chief:
                     continue  # other ranks' progress only tells how they failed
+                self._say_first_step(member, rank, event)
                 apply_event(member.status, event)
                 if event.gpu_memory_bytes is not None:
                     member.probe_seen = True
@@ -573,6 +580,19 @@ class Supervisor:
                 if event.gpu_memory_peak_bytes is not None:
                     member.status.gpu_memory_peak_bytes = event.gpu_memory_peak_bytes
                 member.changed = True
+
+    def _say_first_step(self, member: _MemberRun, rank: _RankRun, event: ProgressEvent) -> None:
+        """In a pod's log: how long the member's start-up took, and where it went."""
+        if event.event == EVENT_STARTED:
+            rank.launched, rank.started = event.launched, event.time
+            return
+        first = event.event == EVENT_STEP and event.step and not member.status.step
+        if not first or self.echo is None or rank.spawned is None or event.time is None:
+            return
+        source = log_source(member.name, None if len(member.ranks) == 1 else rank.rank.rank)
+        line = first_step_line(rank.spawned, rank.launched, rank.started, event.time)
+        self.echo.write(pod_log_line(source, line))
+        self.echo.flush()
 
     def _check_exit(self, member: _MemberRun, now: float) -> None:
         for rank in member.ranks:
