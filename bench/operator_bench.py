@@ -152,9 +152,10 @@ class PodWatch:
     the timestamps are not held up by the bench's own creates.
     """
 
-    def __init__(self, cp: ControlPlane, namespace: str) -> None:
+    def __init__(self, cp: ControlPlane, namespace: str, label: str = "cotrain.dev/job") -> None:
         self.cp = cp
         self.namespace = namespace
+        self.label = label  # the pods' label whose value names their job
         self.seen: dict[str, float] = {}  # job name -> first pod ADDED (time.time())
         self.pods = 0
         self._lock = threading.Lock()
@@ -182,7 +183,7 @@ class PodWatch:
             parsed.hostname or "127.0.0.1", parsed.port, context=context
         )
         query = urllib.parse.urlencode(
-            {"watch": "1", "labelSelector": "cotrain.dev/job", "timeoutSeconds": "3600"}
+            {"watch": "1", "labelSelector": self.label, "timeoutSeconds": "3600"}
         )
         self._conn.request(
             "GET",
@@ -200,7 +201,7 @@ class PodWatch:
                 if event.get("type") != "ADDED":
                     continue
                 labels = event["object"]["metadata"].get("labels") or {}
-                job = labels.get("cotrain.dev/job")
+                job = labels.get(self.label)
                 with self._lock:
                     self.pods += 1
                     if job and job not in self.seen:
