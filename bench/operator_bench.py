@@ -86,6 +86,7 @@ from cotrain_operator.sharing import GpuNode, parse_node  # noqa: E402
 WRITES = ("POST", "PUT", "PATCH", "DELETE")
 POOL_LABEL = "cotrain.bench/pool"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+PROXY_TOKEN = "COTRAIN_BENCH_PROXY_TOKEN"  # the token `--serve-proxy` adds (ProxyProcess)
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -226,7 +227,7 @@ def serve_proxy(upstream: str, ca_file: str) -> int:
     In its own process so that the bench's client threads do not hold it up (and the operator's
     requests are not slowed by the bench's GIL). Commands: `count`, `log FROM`, `watches`.
     """
-    proxy = FaultProxy(upstream, Path(ca_file))
+    proxy = FaultProxy(upstream, Path(ca_file), token=os.environ.get(PROXY_TOKEN))
     proxy.start()
     print(proxy.port, flush=True)
     for line in sys.stdin:
@@ -249,12 +250,15 @@ def serve_proxy(upstream: str, ca_file: str) -> int:
 class ProxyProcess:
     """The client side of `serve_proxy`."""
 
-    def __init__(self, upstream: str, ca_file: Path) -> None:
+    def __init__(self, upstream: str, ca_file: Path, token: str | None = None) -> None:
+        """`token`: the one sent for clients that send none (see FaultProxy.token)."""
+        env = {**os.environ, **({PROXY_TOKEN: token} if token else {})}
         self.process = subprocess.Popen(
             [sys.executable, __file__, "--serve-proxy", upstream, str(ca_file)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            env=env,
         )
         assert self.process.stdout is not None
         self.port = int(self.process.stdout.readline())

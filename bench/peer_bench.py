@@ -22,8 +22,10 @@ costs on each create is therefore not in the peer's numbers: the comparison favo
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,6 +66,7 @@ from tests.fixtures.kube import Kube, install_cotrain, wait_for  # noqa: E402
 PEER_BUILD = ROOT / "tests" / "controlplane" / "training-operator-module" / "build.sh"
 KUBEFLOW = ("kubeflow.org", "v1", "pytorchjobs")
 PEER_LABEL = "training.kubeflow.org/job-name"
+CERT_DIR = Path("/tmp/k8s-webhook-server/serving-certs")  # fixed in its pkg/cert
 WORKERS = 16  # CoTrain's default COTRAIN_WORKERS, given to the peer as --controller-threads
 
 
@@ -120,11 +123,21 @@ def _peer_job(name: str) -> dict[str, Any]:
                     "template": {
                         "spec": {
                             "nodeSelector": {POOL_LABEL: "bench"},
+                            # The namespace enforces Pod Security restricted, as CoTrain's do.
+                            "securityContext": {
+                                "runAsNonRoot": True,
+                                "runAsUser": 1000,
+                                "seccompProfile": {"type": "RuntimeDefault"},
+                            },
                             "containers": [
                                 {
                                     "name": "pytorch",
                                     "image": "ghcr.io/cotrain/trainer:0.1.0",
                                     "resources": {"limits": {"nvidia.com/gpu": 1}},
+                                    "securityContext": {
+                                        "allowPrivilegeEscalation": False,
+                                        "capabilities": {"drop": ["ALL"]},
+                                    },
                                 }
                             ],
                         }
@@ -259,8 +272,17 @@ def peer_operator(bench: Bench, work: Path) -> Iterator[subprocess.Popen[bytes]]
     binary = Path(built.stdout.strip().splitlines()[-1])
     cp = bench.cp
     cp.kubectl("apply", "--server-side", "-f", str(binary.parent / "kubeflow.org_pytorchjobs.yaml"))
-    cp.kubectl("wait", "--for=condition=Established", "crd/pytorchjobs.kubeflow.org")
+    wait_for(  # kubectl wait fails outright while the CRD has no conditions yet
+        "the PyTorchJob CRD established",
+        lambda: cp.kubectl(
+            "wait", "--for=condition=Established", "--timeout=5s",
+            "crd/pytorchjobs.kubeflow.org", check=False,
+        ).returncode == 0,
+        timeout=60,
+    )  # fmt: skip
     cp.kubectl("create", "namespace", "kubeflow")
+    # As its manifests ship it: the empty Secret its certificate manager fills.
+    cp.kubectl("create", "secret", "generic", "training-operator-webhook-cert", "-n", "kubeflow")
     port = free_port()
     webhook = {
         "apiVersion": "admissionregistration.k8s.io/v1",
@@ -315,7 +337,22 @@ def peer_operator(bench: Bench, work: Path) -> Iterator[subprocess.Popen[bytes]]
         except (urllib.error.URLError, OSError):
             return False
 
+    def mounted() -> bool:
+        """What the kubelet does in a cluster: the Secret the certificate manager filled, as
+        files in the directory its webhook server reads (a fixed path in the operator)."""
+        secret = bench.kube.core.read_namespaced_secret(
+            "training-operator-webhook-cert", "kubeflow"
+        )
+        data = secret.data or {}
+        if not {"tls.crt", "tls.key", "ca.crt"} <= data.keys():
+            return False
+        CERT_DIR.mkdir(parents=True, exist_ok=True)
+        for key in ("tls.crt", "tls.key", "ca.crt"):
+            (CERT_DIR / key).write_bytes(base64.b64decode(data[key]))
+        return True
+
     try:
+        wait_for("the training operator's certificates", mounted, timeout=60)
         wait_for("the training operator ready", ready, timeout=120)
         yield process
     finally:
@@ -326,6 +363,7 @@ def peer_operator(bench: Bench, work: Path) -> Iterator[subprocess.Popen[bytes]]
             process.kill()
             process.wait()
         log.close()
+        shutil.rmtree(CERT_DIR.parent, ignore_errors=True)
 
 
 def print_results(results: list[Result], concurrency: int) -> None:
@@ -416,6 +454,9 @@ def run(cp: ControlPlane, work: Path, sizes: list[int], args: argparse.Namespace
         bench.stop_operator()
         clear(bench, ["cotrain-life", *(f"cotrain-adm-{n}" for n in sizes)])
         custom = kube.custom
+        # The peer's own proxy, which adds the admin's token: client-go sends none over HTTP.
+        proxy.stop()
+        proxy = bench.proxy = ProxyProcess(cp.server, cp.ca_file, token=cp.token)
         with peer_operator(bench, work) as process:
 
             def create_peer(namespace: str, name: str) -> None:
