@@ -85,9 +85,14 @@ class Seen:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-def _watch_pods(api: client.CoreV1Api, ns: str, seen: Seen, stop: threading.Event) -> None:
+def _watch_pods(
+    api: client.CoreV1Api, ns: str, name: str, seen: Seen, stop: threading.Event
+) -> None:
     stream = watch.Watch()
-    for event in stream.stream(api.list_namespaced_pod, ns, timeout_seconds=600):
+    selector = f"cotrain.dev/job={name}"  # not the previous run's pods, still going
+    for event in stream.stream(
+        api.list_namespaced_pod, ns, label_selector=selector, timeout_seconds=600
+    ):
         now = time.time()
         pod = event["object"]
         if seen.pod_created is None:
@@ -131,7 +136,7 @@ def one_run(cp: ControlPlane, ns: str, run: int) -> dict[str, dict[str, float]]:
     job["metadata"] = {"name": name, "namespace": ns}
     seen, stop = Seen(), threading.Event()
     threads = [
-        threading.Thread(target=_watch_pods, args=(core, ns, seen, stop), daemon=True),
+        threading.Thread(target=_watch_pods, args=(core, ns, name, seen, stop), daemon=True),
         threading.Thread(target=_watch_job, args=(custom, ns, name, seen), daemon=True),
     ]
     for thread in threads:

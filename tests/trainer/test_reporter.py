@@ -95,6 +95,32 @@ def test_rate_limit_is_per_member_and_ticks_flush_what_waited() -> None:
     assert len(sink.sent) == 3
 
 
+def test_a_new_phase_and_a_runs_first_step_are_not_held_back() -> None:
+    clock, sink = FakeClock(), RecordingSink()
+    reporter = StatusReporter(sink, interval=5.0, clock=clock)
+
+    def at(now: float, status: MemberStatus) -> None:
+        clock.now = now
+        reporter.member_changed("tf", status)
+
+    at(0.0, MemberStatus(phase=MemberPhase.RUNNING))  # spawned: sent
+    at(4.0, MemberStatus(phase=MemberPhase.RUNNING, step=0, total_steps=1000))  # imported: held
+    at(4.5, running(1))  # the first step: sent at once, though 4.5 s < 5 s since the last
+    at(5.0, running(2))  # held
+    at(6.0, MemberStatus(phase=MemberPhase.RESTARTING, step=2, total_steps=1000))  # sent
+    at(7.0, MemberStatus(phase=MemberPhase.RUNNING, step=0, total_steps=1000))  # a new phase
+    at(8.0, running(1))  # the new run's first step
+    at(8.5, running(2))  # held
+    sent = [(r["phase"], r.get("step")) for r in sink.reports_of("tf")]
+    assert sent == [
+        ("Running", None),
+        ("Running", 1),
+        ("Restarting", 2),
+        ("Running", 0),
+        ("Running", 1),
+    ]
+
+
 def test_report_is_camel_case_finite_and_stamped() -> None:
     status = MemberStatus(
         phase=MemberPhase.RUNNING,

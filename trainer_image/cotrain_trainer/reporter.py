@@ -2,7 +2,8 @@
 
 Owns the report of one member (its `MemberStatus` in camelCase, finite numbers only, stamped with
 `lastReportTime`), the rate limit (at most one report per member per interval, default 5 s or
-$COTRAIN_REPORT_INTERVAL; the final report of a member is always sent), and the two sinks:
+$COTRAIN_REPORT_INTERVAL; a member's final report, a change of its phase and a run's first step
+are always sent at once), and the two sinks:
 
 - `KubernetesSink`: a JSON merge patch `{"status": {"members": {name: report}}}` on the job's
   status subresource, with the pod's service account (in-cluster config whose paths
@@ -92,9 +93,18 @@ class Sink(Protocol):
         """Deliver what is pending within `timeout` seconds, then stop."""
 
 
+def _milestone(previous: MemberStatus | None, status: MemberStatus) -> bool:
+    """A change worth reporting at once, whatever the interval: a new phase (Running,
+    Restarting), or a run's first step (training has begun: what a user waits for after
+    `kubectl apply`). A few per member per run, so the rate limit still bounds the writes."""
+    if previous is None or previous.phase != status.phase:
+        return True
+    return not previous.step and bool(status.step)
+
+
 class StatusReporter:
     """Receives every change of every member; passes at most one report per member per
-    interval to the sink, and each member's final report at once."""
+    interval to the sink, each member's final report, phase changes and first step at once."""
 
     def __init__(
         self,
@@ -109,6 +119,7 @@ class StatusReporter:
         self._wall_clock = wall_clock
         self._last_sent: dict[str, float] = {}
         self._pending: dict[str, MemberStatus] = {}
+        self._reported: dict[str, MemberStatus] = {}  # the last change seen of each member
         self._final: set[str] = set()
 
     def _due(self, name: str, now: float) -> bool:
@@ -126,12 +137,14 @@ class StatusReporter:
     def member_changed(self, name: str, status: MemberStatus, *, final: bool = False) -> None:
         if name in self._final:
             return
-        self._pending[name] = status.model_copy()
+        previous = self._reported.get(name)
+        self._reported[name] = status.model_copy()
+        self._pending[name] = self._reported[name]
         now = self._clock()
         if final:
             self._final.add(name)
             self._send([name], now)
-        elif self._due(name, now):
+        elif self._due(name, now) or _milestone(previous, status):
             self._send([name], now)
 
     def tick(self) -> None:
