@@ -17,6 +17,12 @@ from typing import Any
 import pytest
 import yaml
 
+from cotrain_operator.api.contract import (
+    LABEL_ATTEMPT,
+    LABEL_GROUP,
+    LABEL_JOB,
+    TRAINER_CONTAINER,
+)
 from tests.controlplane.cluster import ControlPlane, free_port
 from tests.fixtures.cotrain_cli import Piped, Terminal, run_cli, stop_all
 from tests.fixtures.faultproxy import running_proxy, write_proxy_kubeconfig
@@ -419,3 +425,38 @@ def test_refused_credentials_and_missing_rights_are_one_line_each(
     assert line.startswith("cotrain: forbidden to "), line
     assert f"namespace {namespace}" in line, line
     assert "ask for RBAC on cotrainjobs.cotrain.dev" in line
+
+
+@pytest.mark.parametrize("follow", [[], ["-f"]], ids=["read", "follow"])
+def test_logs_read_and_follow_a_pod_that_has_no_log_yet(
+    cluster: ControlPlane, kube: Kube, namespace: str, one_job: str, follow: list[str]
+) -> None:
+    # A trainer pod not yet on a node: the API server answers its log with nothing (and a
+    # follow ends). Both requests are made as they are on a node: the follow's without a read
+    # timeout, which the client must accept.
+    labels = {LABEL_JOB: one_job, LABEL_GROUP: "gpu", LABEL_ATTEMPT: "0"}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": f"{one_job}-gpu-0", "labels": labels},
+        "spec": {
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": 1000,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [
+                {
+                    "name": TRAINER_CONTAINER,
+                    "image": "cotrain.local/none:0",
+                    "securityContext": {
+                        "allowPrivilegeEscalation": False,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                }
+            ],
+        },
+    }
+    kube.core.create_namespaced_pod(namespace, pod)
+    ran = run_cli(cluster.kubeconfig, "logs", one_job, *follow, "-n", namespace)
+    assert (ran.returncode, ran.stdout, ran.stderr) == (0, "", "")

@@ -558,12 +558,12 @@ def pod_log_lines(cluster: Cluster, pod: str, follow: bool, tail: int | None) ->
     options: dict[str, Any] = {"container": TRAINER_CONTAINER, "follow": follow}
     if tail is not None and tail >= 0:
         options["tail_lines"] = tail
+    if not follow:
+        # Followed, a member may print nothing for hours: no read timeout then (the client
+        # takes no "connect only" timeout; the pod list before this one has reached the server).
+        options["_request_timeout"] = REQUEST_TIMEOUT
     response = cluster.core.read_namespaced_pod_log(
-        pod,
-        cluster.namespace,
-        _preload_content=False,
-        _request_timeout=(REQUEST_TIMEOUT[0], None) if follow else REQUEST_TIMEOUT,
-        **options,
+        pod, cluster.namespace, _preload_content=False, **options
     )
     try:
         yield from iter_resp_lines(response)  # type: ignore[no-untyped-call]
