@@ -912,16 +912,31 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def bench_on(cp: ControlPlane, work: Path, concurrency: int) -> Iterator[Bench]:
+    """CoTrain installed on `cp`, the bench's client and its counting proxy; whatever operator
+    the bench started, the proxy and the client stopped at the end."""
+    install_cotrain(cp)
+    configuration = cp.api_client_configuration()
+    configuration.connection_pool_maxsize = max(16, 2 * concurrency)
+    api = client.ApiClient(configuration)
+    bench = Bench(cp, Kube(api), ProxyProcess(cp.server, cp.ca_file), concurrency, work)
+    try:
+        yield bench
+    finally:
+        bench.stop_operator()
+        bench.proxy.stop()  # the one in use: a bench may replace it (peer_bench.py)
+        api.close()
+
+
 def run(
     cp: ControlPlane, work: Path, sizes: list[int], args: argparse.Namespace, started: float
 ) -> int:
-    install_cotrain(cp)
-    configuration = cp.api_client_configuration()
-    configuration.connection_pool_maxsize = max(16, 2 * args.concurrency)
-    api = client.ApiClient(configuration)
-    kube = Kube(api)
-    proxy = ProxyProcess(cp.server, cp.ca_file)
-    bench = Bench(cp, kube, proxy, args.concurrency, work)
+    with bench_on(cp, work, args.concurrency) as bench:
+        return measure_all(bench, sizes, args, started)
+
+
+def measure_all(bench: Bench, sizes: list[int], args: argparse.Namespace, started: float) -> int:
     try:
         total = sum(sizes) + 2 * args.lifecycle_jobs
         bench.create_nodes(4, replicas=max(8, total // 2))
@@ -976,10 +991,6 @@ def run(
             tail = bench.operator.logs().splitlines()[-40:]
             print("last lines of the operator's log:", *tail, sep="\n", file=sys.stderr)
         return 1
-    finally:
-        bench.stop_operator()
-        proxy.stop()
-        api.close()
 
 
 if __name__ == "__main__":

@@ -44,7 +44,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from kubernetes import client  # noqa: E402
 from operator_bench import (  # noqa: E402
     POOL_LABEL,
     Bench,
@@ -53,6 +52,7 @@ from operator_bench import (  # noqa: E402
     ProxyProcess,
     _kind,
     _resource,
+    bench_on,
     control_plane,
     memory_kib,
     percentile,
@@ -61,7 +61,7 @@ from operator_bench import (  # noqa: E402
 from tests.controlplane.cluster import ControlPlane, free_port  # noqa: E402
 from tests.fixtures.faultproxy import write_proxy_kubeconfig  # noqa: E402
 from tests.fixtures.jobs import a_job  # noqa: E402
-from tests.fixtures.kube import Kube, install_cotrain, wait_for  # noqa: E402
+from tests.fixtures.kube import wait_for  # noqa: E402
 
 PEER_BUILD = ROOT / "tests" / "controlplane" / "training-operator-module" / "build.sh"
 KUBEFLOW = ("kubeflow.org", "v1", "pytorchjobs")
@@ -418,73 +418,67 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cp: ControlPlane, work: Path, sizes: list[int], args: argparse.Namespace) -> int:
-    install_cotrain(cp)
-    configuration = cp.api_client_configuration()
-    configuration.connection_pool_maxsize = max(16, 2 * args.concurrency)
-    api = client.ApiClient(configuration)
-    kube = Kube(api)
-    proxy = ProxyProcess(cp.server, cp.ca_file)
-    bench = Bench(cp, kube, proxy, args.concurrency, work)
+    with bench_on(cp, work, args.concurrency) as bench:
+        return side_by_side(bench, cp, work, sizes, args)
+
+
+def side_by_side(
+    bench: Bench, cp: ControlPlane, work: Path, sizes: list[int], args: argparse.Namespace
+) -> int:
+    kube = bench.kube
     results = []
-    try:
-        bench.create_nodes(4, replicas=max(8, sum(sizes)))
-        # CoTrain first, as deploy/ runs it.
-        bench.start_operator({"COTRAIN_WORKERS": str(WORKERS)})
+    bench.create_nodes(4, replicas=max(8, sum(sizes)))
+    # CoTrain first, as deploy/ runs it.
+    bench.start_operator({"COTRAIN_WORKERS": str(WORKERS)})
 
-        def create_cotrain(namespace: str, name: str) -> None:
-            kube.create_job(namespace, _cotrain_job(name))
+    def create_cotrain(namespace: str, name: str) -> None:
+        kube.create_job(namespace, _cotrain_job(name))
 
-        def cotrain_done(namespace: str, name: str) -> bool:
-            return bool(kube.job(namespace, name).get("status", {}).get("phase") == "Succeeded")
+    def cotrain_done(namespace: str, name: str) -> bool:
+        return bool(kube.job(namespace, name).get("status", {}).get("phase") == "Succeeded")
 
-        def member_done(namespace: str, name: str) -> None:
-            member = {"phase": "Succeeded", "step": 5, "totalSteps": 5, "loss": 0.1}
-            kube.patch_job_status(namespace, name, {"members": {"m0": member}})
+    def member_done(namespace: str, name: str) -> None:
+        member = {"phase": "Succeeded", "step": 5, "totalSteps": 5, "loss": 0.1}
+        kube.patch_job_status(namespace, name, {"members": {"m0": member}})
 
-        cotrain = Side(
-            name="cotrain",
-            label="cotrain.dev/job",
-            create=create_cotrain,
-            pod=lambda name: f"{name}-gpu-0",
-            succeeded=cotrain_done,
-            pid=lambda: bench.operator_pid,
-            finish=member_done,
-        )
-        results.append(measure(bench, cotrain, sizes, args.lifecycle_jobs))
-        bench.stop_operator()
-        clear(bench, ["cotrain-life", *(f"cotrain-adm-{n}" for n in sizes)])
-        custom = kube.custom
-        # The peer's own proxy, which adds the admin's token: client-go sends none over HTTP.
-        proxy.stop()
-        proxy = bench.proxy = ProxyProcess(cp.server, cp.ca_file, token=cp.token)
-        with peer_operator(bench, work) as process:
+    cotrain = Side(
+        name="cotrain",
+        label="cotrain.dev/job",
+        create=create_cotrain,
+        pod=lambda name: f"{name}-gpu-0",
+        succeeded=cotrain_done,
+        pid=lambda: bench.operator_pid,
+        finish=member_done,
+    )
+    results.append(measure(bench, cotrain, sizes, args.lifecycle_jobs))
+    bench.stop_operator()
+    clear(bench, ["cotrain-life", *(f"cotrain-adm-{n}" for n in sizes)])
+    custom = kube.custom
+    # The peer's own proxy, which adds the admin's token: client-go sends none over HTTP.
+    bench.proxy.stop()
+    bench.proxy = ProxyProcess(cp.server, cp.ca_file, token=cp.token)
+    with peer_operator(bench, work) as process:
 
-            def create_peer(namespace: str, name: str) -> None:
-                custom.create_namespaced_custom_object(
-                    *KUBEFLOW[:2], namespace, KUBEFLOW[2], _peer_job(name)
-                )
-
-            def peer_done(namespace: str, name: str) -> bool:
-                job = custom.get_namespaced_custom_object(
-                    *KUBEFLOW[:2], namespace, KUBEFLOW[2], name
-                )
-                return _conditions_say(job, "Succeeded")
-
-            peer = Side(
-                name="training-operator",
-                label=PEER_LABEL,
-                create=create_peer,
-                pod=lambda name: f"{name}-master-0",
-                succeeded=peer_done,
-                pid=lambda: process.pid,
+        def create_peer(namespace: str, name: str) -> None:
+            custom.create_namespaced_custom_object(
+                *KUBEFLOW[:2], namespace, KUBEFLOW[2], _peer_job(name)
             )
-            results.append(measure(bench, peer, sizes, args.lifecycle_jobs))
-        print_results(results, args.concurrency)
-        return 0
-    finally:
-        bench.stop_operator()
-        proxy.stop()
-        api.close()
+
+        def peer_done(namespace: str, name: str) -> bool:
+            job = custom.get_namespaced_custom_object(*KUBEFLOW[:2], namespace, KUBEFLOW[2], name)
+            return _conditions_say(job, "Succeeded")
+
+        peer = Side(
+            name="training-operator",
+            label=PEER_LABEL,
+            create=create_peer,
+            pod=lambda name: f"{name}-master-0",
+            succeeded=peer_done,
+            pid=lambda: process.pid,
+        )
+        results.append(measure(bench, peer, sizes, args.lifecycle_jobs))
+    print_results(results, args.concurrency)
+    return 0
 
 
 if __name__ == "__main__":

@@ -52,6 +52,12 @@ def example(tmp_path: Path, name: str = "mixed-same-gpu") -> Path:
     return path
 
 
+def submitted(cluster: ControlPlane, namespace: str, path: Path) -> None:
+    """`cotrain submit --no-follow` of `path`, which must succeed."""
+    applied = run_cli(cluster.kubeconfig, "submit", str(path), "-n", namespace, "--no-follow")
+    assert applied.returncode == 0, applied.stderr
+
+
 def condition(kind: str, reason: str, message: str) -> dict[str, Any]:
     return {
         "type": kind,
@@ -190,9 +196,7 @@ def test_an_invalid_file_is_refused_before_any_request(tmp_path: Path) -> None:
 def test_status_watch_on_a_terminal_draws_progress_bars_to_the_end(
     cluster: ControlPlane, namespace: str, tmp_path: Path, status_writer: Callable[..., None]
 ) -> None:
-    path = example(tmp_path, "bars")
-    applied = run_cli(cluster.kubeconfig, "submit", str(path), "-n", namespace, "--no-follow")
-    assert applied.returncode == 0, applied.stderr
+    submitted(cluster, namespace, example(tmp_path, "bars"))
     term = Terminal(cluster.kubeconfig, "status", "bars", "-w", "-n", namespace)
     term.expect(FOLLOWING.encode())
     status_writer("bars", phase="Running", members={"torch-mlp": report("Running", 30)})
@@ -368,9 +372,7 @@ def test_logs_of_an_unknown_member_lists_the_members(
 def test_a_follow_survives_a_dropped_watch_and_an_expired_resource_version(
     cluster: ControlPlane, namespace: str, tmp_path: Path, status_writer: Callable[..., None]
 ) -> None:
-    path = example(tmp_path, "resumed")
-    applied = run_cli(cluster.kubeconfig, "submit", str(path), "-n", namespace, "--no-follow")
-    assert applied.returncode == 0, applied.stderr
+    submitted(cluster, namespace, example(tmp_path, "resumed"))
     jobs = f"/apis/cotrain.dev/v1alpha1/namespaces/{namespace}/cotrainjobs"
     with running_proxy(cluster.server, cluster.ca_file) as proxy:
         through = write_proxy_kubeconfig(tmp_path / "proxy.kubeconfig", proxy, cluster.token)
