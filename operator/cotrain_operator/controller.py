@@ -20,12 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from kubernetes.client.exceptions import ApiException
-
 from cotrain_operator import metrics
 from cotrain_operator.api.contract import LABEL_JOB, REASON_FAILED_CREATE
 from cotrain_operator.api.models import read_member_report
-from cotrain_operator.k8s import ConflictError, KubeApi
+from cotrain_operator.k8s import ApiError, ConflictError, KubeApi
 from cotrain_operator.reconcile.access import build_trainer_identity
 from cotrain_operator.reconcile.create_errors import CreateOutcome, classify, refusal_message
 from cotrain_operator.reconcile.job import TERMINAL, Decision, decide, failed_create
@@ -260,7 +258,7 @@ class Controller:
         """Say so, once at start, when nothing keeps a trainer pod to its own job's status."""
         try:
             missing = await self.api.missing_trainer_policy()
-        except ApiException as error:
+        except ApiError as error:
             log.warning(
                 "cannot check for the trainer admission policy (HTTP %s %s)",
                 error.status,
@@ -309,7 +307,7 @@ class Controller:
             log.info("%s/%s changed while reconciling; again with the fresh object", *key)
             self.enqueue(key, delay=0.2)
             return
-        except ApiException as error:
+        except ApiError as error:
             metrics.RECONCILE_ERRORS.labels(f"http{error.status}").inc()
             self._retry(key, f"API error {error.status} {error.reason}")
             return
@@ -366,9 +364,9 @@ class Controller:
         results = await asyncio.gather(
             *(self.api.create(c) for c in decision.create), return_exceptions=True
         )
-        refused: list[tuple[dict[str, Any], ApiException]] = []
+        refused: list[tuple[dict[str, Any], ApiError]] = []
         for child, created in zip(decision.create, results, strict=True):
-            if isinstance(created, ApiException):
+            if isinstance(created, ApiError):
                 refused.append((child, created))
             elif isinstance(created, BaseException):
                 raise created
@@ -391,7 +389,7 @@ class Controller:
         return decision
 
     async def _refused(
-        self, key: Key, body: Mapping[str, Any], refused: list[tuple[dict[str, Any], ApiException]]
+        self, key: Key, body: Mapping[str, Any], refused: list[tuple[dict[str, Any], ApiError]]
     ) -> Decision:
         """The job's answer to children the API server refused: fail it, once, when no retry can
         help; otherwise say so once per run of failures and raise to retry with backoff."""
@@ -530,7 +528,7 @@ def _owned(workload: Mapping[str, Any] | None, job: Mapping[str, Any]) -> Mappin
     return workload if any(o.get("uid") == uid for o in owners) else None
 
 
-def _server_message(error: ApiException) -> str:
+def _server_message(error: ApiError) -> str:
     """The API server's own words in a refusal (its Status message), else the HTTP reason."""
     try:
         status = json.loads(error.body or "")

@@ -15,11 +15,11 @@ from typing import Any, cast
 
 import kopf
 
-from cotrain_operator import metrics
+from cotrain_operator import credentials, metrics
 from cotrain_operator.api.contract import LABEL_JOB
 from cotrain_operator.api.models import GROUP, PLURAL, VERSION
 from cotrain_operator.controller import Controller
-from cotrain_operator.k8s import KubeApi, load_config
+from cotrain_operator.k8s import KubeApi
 from cotrain_operator.reconcile.queueing import KUEUE_GROUP, KUEUE_VERSION
 
 CONTROLLER_KEY = "controller"
@@ -72,7 +72,6 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # Only our pods, filtered by the API server: without it kopf watches every pod in the cluster
     # and drops the others client-side, after parsing them and keeping a memory of each.
     settings.watching.label_selectors["", "v1", "pods"] = LABEL_JOB
-    load_config()
     if KUEUE:
         settings.watching.label_selectors[KUEUE_GROUP, KUEUE_VERSION, "workloads"] = LABEL_JOB
     controller = Controller(
@@ -83,6 +82,13 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     port = int(os.environ.get("COTRAIN_METRICS_PORT", "8080"))
     if port:
         metrics.serve(port)
+
+
+@kopf.on.login()
+def login(**_: Any) -> kopf.ConnectionInfo:
+    """kopf's watches log in as the operator's own requests do (`credentials.py`); kopf asks
+    again when the API server answers 401."""
+    return credentials.load()
 
 
 @kopf.on.cleanup()

@@ -2,27 +2,30 @@
 
 Owns every write the operator makes — create-if-absent children, pod deletions, status merge
 patches guarded by resourceVersion, job deletion with a UID precondition, Events — as plain JSON
-over the `kubernetes` client's connection pool and credentials, off the event loop. Each call is
-counted in the metrics by verb and outcome; "already exists" and "already gone" are successes,
-so every call is safe to repeat.
+over one urllib3 connection pool with the operator's credentials (`credentials.py`), off the
+event loop. Each call is counted in the metrics by verb and outcome; "already exists" and
+"already gone" are successes, so every call is safe to repeat.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+from urllib.parse import urlencode
 
-from kubernetes import client, config
-from kubernetes.client.exceptions import ApiException
+import kopf
+import urllib3
 
-from cotrain_operator import metrics
+from cotrain_operator import credentials, metrics
 from cotrain_operator.api.models import GROUP, KIND, PLURAL, VERSION
 from cotrain_operator.reconcile.access import POLICY_NAME
 
@@ -31,22 +34,68 @@ T = TypeVar("T")
 MERGE_PATCH = "application/merge-patch+json"
 FIELD_MANAGER = "cotrain-operator"
 COMPONENT = "cotrain-operator"
-# Calls to the API in flight at once. The client is synchronous, so each one holds a thread (and
-# a pooled connection) for its round trip; asyncio's default pool (cores + 4 threads) would cap a
-# 2-core operator at 6, and admission is bound by round trips, not by CPU.
+# Calls to the API in flight at once. Each one holds a thread (and a pooled connection) for its
+# round trip; asyncio's default pool (cores + 4 threads) would cap a 2-core operator at 6, and
+# admission is bound by round trips, not by CPU.
 API_THREADS = int(os.environ.get("COTRAIN_API_THREADS", "16"))
+# No request the operator makes takes long; one that hangs must not hold its thread for ever.
+TIMEOUT = urllib3.Timeout(connect=10.0, read=60.0)
+
+
+class ApiError(Exception):
+    """The API server answered with an error: its HTTP status, reason and body (a Status)."""
+
+    def __init__(self, status: int, reason: str | None, body: str | None = None) -> None:
+        super().__init__(f"HTTP {status} {reason or ''}".strip())
+        self.status = status
+        self.reason = reason
+        self.body = body
 
 
 class ConflictError(Exception):
     """The object changed since it was read (HTTP 409 on an update): reconcile again."""
 
 
-def load_config() -> None:
-    """In-cluster configuration in a pod, the kubeconfig ($KUBECONFIG) elsewhere."""
-    try:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
-    except config.ConfigException:
-        config.load_kube_config()  # type: ignore[no-untyped-call]
+class Session:
+    """A connection pool and the headers that carry one identity; `relogin` reads the
+    credentials again (the token a 401 says is stale) and keeps the pool when only the token
+    or password changed."""
+
+    def __init__(
+        self,
+        login: Callable[[], kopf.ConnectionInfo] = credentials.load,
+        connections: int = API_THREADS,
+    ) -> None:
+        self._login = login
+        self._connections = connections
+        self._lock = threading.Lock()
+        self._use(login())
+
+    def _use(self, info: kopf.ConnectionInfo) -> None:
+        headers = {"Accept": "application/json"}
+        if info.token:
+            headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
+        elif info.username and info.password:
+            pair = base64.b64encode(f"{info.username}:{info.password}".encode()).decode()
+            headers["Authorization"] = f"Basic {pair}"
+        tls = (info.ca_path, info.ca_data, info.insecure, info.certificate_path,
+               info.certificate_data, info.private_key_path, info.private_key_data)  # fmt: skip
+        if getattr(self, "_tls", None) != tls or getattr(self, "server", None) != info.server:
+            self.pool = urllib3.PoolManager(
+                num_pools=2,
+                maxsize=self._connections,
+                ssl_context=info.as_ssl_context() if info.server.startswith("https:") else None,
+                timeout=TIMEOUT,
+                retries=False,
+            )
+            self._tls = tls
+            self.server = info.server
+        self.headers = headers
+
+    def relogin(self, stale: Mapping[str, str]) -> None:
+        with self._lock:
+            if self.headers is stale:  # not yet done by another thread that saw the same 401
+                self._use(self._login())
 
 
 # Where each kind of child is created: (API path prefix, plural).
@@ -62,25 +111,16 @@ ADMISSION_PATH = "/apis/admissionregistration.k8s.io/v1"
 
 
 class KubeApi:
-    """Async wrappers that send and receive plain JSON over the `kubernetes` client's
-    connection pool and credentials.
+    """Async wrappers that send and receive plain JSON.
 
-    The typed methods would validate every body into the client's pydantic models, dump it back
-    to JSON, and parse each answer into models that the operator then turns back into dicts;
-    that round trip cost more CPU than the rest of admitting a job. The bodies here are already
-    plain dicts (the builders make them), and so are the answers the caches keep.
+    The bodies are plain dicts already (the builders make them), and so are the answers the
+    caches keep: the `kubernetes` client's typed methods would validate every body into its
+    pydantic models, dump it back to JSON, and parse each answer into models that the operator
+    would turn back into dicts, which cost more CPU than the rest of admitting a job.
     """
 
-    def __init__(
-        self, api_client: client.ApiClient | None = None, threads: int = API_THREADS
-    ) -> None:
-        if api_client is None:
-            configuration = client.Configuration.get_default_copy()
-            configuration.connection_pool_maxsize = max(
-                threads, configuration.connection_pool_maxsize or 0
-            )
-            api_client = client.ApiClient(configuration)
-        self.api_client = api_client
+    def __init__(self, session: Session | None = None, threads: int = API_THREADS) -> None:
+        self.session = session if session is not None else Session(connections=threads)
         self._executor = ThreadPoolExecutor(max(1, threads), thread_name_prefix="cotrain-api")
 
     def _request(
@@ -91,27 +131,28 @@ class KubeApi:
         query: Mapping[str, str] | None = None,
         content_type: str = "application/json",
     ) -> Any:
-        """One request with the client's credentials (refreshed as it refreshes them); the
-        answer's JSON, or ApiException (404, 409, ...) as the typed methods raise it."""
-        headers = {"Accept": "application/json", "Content-Type": content_type}
-        method, url, headers, _, _ = self.api_client.param_serialize(
-            method=method,
-            resource_path=path,
-            query_params=list((query or {}).items()),
-            header_params=headers,
-            auth_settings=["BearerToken"],
-        )
-        response = self.api_client.call_api(method, url, header_params=headers, body=body)
-        data = response.read()  # type: ignore[no-untyped-call]
+        """One request; the answer's JSON, or ApiError (404, 409, ...). A 401 is answered by
+        logging in again and trying once more."""
+        session = self.session
+        url = session.server + path + (f"?{urlencode(query)}" if query else "")
+        data = None if body is None else json.dumps(body).encode()
+        for attempt in range(2):
+            headers = session.headers
+            response = session.pool.request(
+                method, url, body=data, headers={**headers, "Content-Type": content_type}
+            )
+            if response.status != 401 or attempt:
+                break
+            session.relogin(headers)
         if not 200 <= response.status <= 299:
-            text = data.decode("utf-8", "replace") if data else None
-            raise ApiException.from_response(http_resp=response, body=text, data=None)
-        return json.loads(data) if data else None
+            text = response.data.decode("utf-8", "replace") if response.data else None
+            raise ApiError(response.status, response.reason, text)
+        return json.loads(response.data) if response.data else None
 
     async def _call(self, verb: str, resource: str, function: Callable[[], T]) -> T:
         try:
             result = await asyncio.get_running_loop().run_in_executor(self._executor, function)
-        except ApiException as error:
+        except ApiError as error:
             metrics.API_REQUESTS.labels(verb, resource, str(error.status)).inc()
             raise
         metrics.API_REQUESTS.labels(verb, resource, "ok").inc()
@@ -129,7 +170,7 @@ class KubeApi:
                 kind.lower(),
                 lambda: self._request("POST", path, body, {"fieldManager": FIELD_MANAGER}),
             )
-        except ApiException as error:
+        except ApiError as error:
             if error.status == 409:
                 return None
             raise
@@ -143,7 +184,7 @@ class KubeApi:
                 "pod",
                 lambda: self._request("DELETE", path, query={"propagationPolicy": "Background"}),
             )
-        except ApiException as error:
+        except ApiError as error:
             if error.status != 404:
                 raise
 
@@ -152,7 +193,7 @@ class KubeApi:
         path = f"{prefix}/namespaces/{namespace}/{plural}/{name}"
         try:
             await self._call("delete", "workload", lambda: self._request("DELETE", path))
-        except ApiException as error:
+        except ApiError as error:
             if error.status != 404:
                 raise
 
@@ -201,7 +242,7 @@ class KubeApi:
                     "PATCH", path, body, {"fieldManager": FIELD_MANAGER}, MERGE_PATCH
                 ),
             )
-        except ApiException as error:
+        except ApiError as error:
             if error.status == 409:
                 raise ConflictError(f"{path} changed since {resource_version}") from error
             if error.status == 404:
@@ -217,7 +258,7 @@ class KubeApi:
             path = f"{ADMISSION_PATH}/{plural}/{POLICY_NAME}"
             try:
                 await self._call("get", plural, functools.partial(self._request, "GET", path))
-            except ApiException as error:
+            except ApiError as error:
                 if error.status != 404:
                     raise
                 missing.append(f"{plural}/{POLICY_NAME}")
@@ -234,7 +275,7 @@ class KubeApi:
         path = f"{JOBS_PATH}/namespaces/{namespace}/{PLURAL}/{name}"
         try:
             await self._call("delete", PLURAL, lambda: self._request("DELETE", path, options))
-        except ApiException as error:
+        except ApiError as error:
             if error.status not in (404, 409):
                 raise
 
@@ -273,7 +314,7 @@ class KubeApi:
         path = f"/api/v1/namespaces/{metadata['namespace']}/events"
         try:
             await self._call("create", "event", lambda: self._request("POST", path, body))
-        except ApiException as error:  # an Event is never worth failing a reconcile for
+        except ApiError as error:  # an Event is never worth failing a reconcile for
             log.warning(
                 "could not post event %s on %s: %s",
                 reason,

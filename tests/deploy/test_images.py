@@ -46,7 +46,7 @@ def test_it_installs_the_operator_extra_and_no_ml_framework() -> None:
     ]["operator"]
     assert not [d for d in operator_extra if d.lower().startswith(ML_FRAMEWORKS)]
     # The build itself fails if one sneaks in through a dependency.
-    assert "find_spec(m) for m in ('torch', 'tensorflow')" in install
+    assert "find_spec(m) for m in ('torch', 'tensorflow', 'kubernetes')" in install
 
 
 def test_every_copied_path_exists() -> None:

@@ -10,9 +10,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
-from kubernetes.client.exceptions import ApiException
 
 from cotrain_operator.controller import Controller
+from cotrain_operator.k8s import ApiError
 from cotrain_operator.sharing import parse_node
 from tests.fixtures.jobs import a_job
 from tests.fixtures.nodes import gpu_node
@@ -33,9 +33,7 @@ class FakeApi:
         if body["kind"] == "Pod" and self.refusal is not None:
             self.refused += 1
             status, message = self.refusal
-            error = ApiException(status=status, reason="Refused")
-            error.body = json.dumps({"kind": "Status", "message": message})
-            raise error
+            raise ApiError(status, "Refused", json.dumps({"kind": "Status", "message": message}))
         self.created.append((body["kind"], body["metadata"]["name"]))
         return dict(body)
 
