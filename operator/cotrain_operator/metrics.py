@@ -1,14 +1,17 @@
 """Prometheus metrics of the operator, served at :$COTRAIN_METRICS_PORT/metrics (default 8080).
 
 Owns the metric objects; the controller and `k8s.py` update them, and `MemberSeries` keeps the
-per-member series of each job in step with its status.
+values of each job's per-member series in step with its status (the series are made from them
+at each scrape).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Metric, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from cotrain_operator.api.models import MemberPhase, MemberStatus
 
@@ -46,88 +49,81 @@ def serve(port: int) -> None:
 # Per member of each job the operator sees, from the status its trainer reported (fields that
 # do not validate are left out, as everywhere). Labels: namespace, job, member; a job's series
 # go when the job does. Twelve series per member at most (seven values and five phases), so at
-# most 96 per job (8 members).
+# most 96 per job (8 members). They are made at each scrape from the values kept here, as
+# kube-state-metrics makes its series: a labelled child per series would cost ~1 KiB each
+# (~9 MiB for 1,111 members) and a lock on every update.
 MEMBER_LABELS = ["namespace", "job", "member"]
 MEMBER_VALUES = {
-    "step": Gauge("cotrain_member_step", "Optimizer steps the member has done", MEMBER_LABELS),
-    "total_steps": Gauge(
-        "cotrain_member_total_steps", "Optimizer steps the member plans", MEMBER_LABELS
+    "step": ("cotrain_member_step", "Optimizer steps the member has done"),
+    "total_steps": ("cotrain_member_total_steps", "Optimizer steps the member plans"),
+    "loss": ("cotrain_member_loss", "The member's training loss at its last report"),
+    "samples_per_second": (
+        "cotrain_member_samples_per_second", "The member's training throughput"
     ),
-    "loss": Gauge("cotrain_member_loss", "The member's training loss at its last report",
-                  MEMBER_LABELS),
-    "samples_per_second": Gauge(
-        "cotrain_member_samples_per_second", "The member's training throughput", MEMBER_LABELS
-    ),
-    "gpu_memory_bytes": Gauge(
+    "gpu_memory_bytes": (
         "cotrain_member_gpu_memory_bytes",
         "Device memory the member's process holds, as its framework counts it (0 on the CPU)",
-        MEMBER_LABELS,
     ),
-    "gpu_memory_peak_bytes": Gauge(
-        "cotrain_member_gpu_memory_peak_bytes",
-        "Peak device memory of the member's process",
-        MEMBER_LABELS,
+    "gpu_memory_peak_bytes": (
+        "cotrain_member_gpu_memory_peak_bytes", "Peak device memory of the member's process"
     ),
-    "restarts": Gauge("cotrain_member_restarts", "Restarts of the member so far", MEMBER_LABELS),
+    "restarts": ("cotrain_member_restarts", "Restarts of the member so far"),
 }  # fmt: skip
-MEMBER_PHASE = Gauge(
+MEMBER_PHASE = (
     "cotrain_member_phase",
     "1 for the member's phase (Pending, Running, Restarting, Succeeded, Failed), 0 for the others",
-    [*MEMBER_LABELS, "phase"],
 )
 MEMBER_PHASES = tuple(phase.value for phase in MemberPhase)
+
+# (namespace, job) -> member -> its values, as `_values` makes them. One table for the process,
+# as the registry is one: every `MemberSeries` writes here. Each job's entry is replaced whole,
+# never changed in place, so a scrape (in the metrics server's thread) reads a consistent one.
+_MEMBERS: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
 
 
 class MemberSeries:
     """The per-member series of every job, set from the members' validated reports and removed
     with the job (or a member no longer in it)."""
 
-    def __init__(self) -> None:
-        # (namespace, job) -> member -> the values last set, so a job's update touches only
-        # what changed and its removal knows which series it has.
-        self._set: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
-
     def update(self, namespace: str, job: str, members: Mapping[str, MemberStatus]) -> None:
-        key = (namespace, job)
-        before = self._set.get(key, {})
-        for member in set(before) - set(members):
-            self._remove(namespace, job, member, before[member])
-        now: dict[str, dict[str, float]] = {}
-        for member, report in members.items():
-            values = _values(report)
-            old = before.get(member, {})
-            labels = (namespace, job, member)
-            for name, value in values.items():
-                if old.get(name) != value:
-                    if name.startswith("phase:"):
-                        MEMBER_PHASE.labels(*labels, name.removeprefix("phase:")).set(value)
-                    else:
-                        MEMBER_VALUES[name].labels(*labels).set(value)
-            for name in set(old) - set(values):
-                self._remove_one(labels, name)
-            now[member] = values
-        if now:
-            self._set[key] = now
+        values = {member: _values(report) for member, report in members.items()}
+        if values:
+            _MEMBERS[namespace, job] = values
         else:
-            self._set.pop(key, None)
+            _MEMBERS.pop((namespace, job), None)
 
     def forget(self, namespace: str, job: str) -> None:
-        for member, values in self._set.pop((namespace, job), {}).items():
-            self._remove(namespace, job, member, values)
+        _MEMBERS.pop((namespace, job), None)
 
-    def _remove(self, namespace: str, job: str, member: str, values: Mapping[str, float]) -> None:
-        for name in values:
-            self._remove_one((namespace, job, member), name)
+
+class _MemberCollector(Collector):
+    def describe(self) -> Iterator[Metric]:
+        return self._families([])
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(list(_MEMBERS.items()))
 
     @staticmethod
-    def _remove_one(labels: tuple[str, str, str], name: str) -> None:
-        try:
-            if name.startswith("phase:"):
-                MEMBER_PHASE.remove(*labels, name.removeprefix("phase:"))
-            else:
-                MEMBER_VALUES[name].remove(*labels)
-        except KeyError:
-            pass
+    def _families(
+        jobs: list[tuple[tuple[str, str], dict[str, dict[str, float]]]],
+    ) -> Iterator[Metric]:
+        for name, (metric, documentation) in MEMBER_VALUES.items():
+            family = GaugeMetricFamily(metric, documentation, labels=MEMBER_LABELS)
+            for (namespace, job), members in jobs:
+                for member, values in members.items():
+                    if name in values:
+                        family.add_metric([namespace, job, member], values[name])
+            yield family
+        family = GaugeMetricFamily(*MEMBER_PHASE, labels=[*MEMBER_LABELS, "phase"])
+        for (namespace, job), members in jobs:
+            for member, values in members.items():
+                for phase in MEMBER_PHASES:
+                    if (value := values.get(f"phase:{phase}")) is not None:
+                        family.add_metric([namespace, job, member, phase], value)
+        yield family
+
+
+REGISTRY.register(_MemberCollector())
 
 
 def _values(report: MemberStatus) -> dict[str, float]:
