@@ -18,6 +18,7 @@ from collections import Counter, defaultdict
 from collections.abc import Awaitable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from sys import intern
 from typing import Any, TypeVar
 
 from cotrain_operator import metrics
@@ -549,13 +550,28 @@ async def _all(calls: Iterable[Awaitable[T]]) -> list[T]:
 
 
 def _cached(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A shallow copy of an object to keep in a cache, less metadata.managedFields: the field
-    managers' bookkeeping is about half of a job's or a pod's memory, and no decision reads it."""
-    copy = dict(body)
-    metadata = copy.get("metadata")
-    if isinstance(metadata, Mapping) and "managedFields" in metadata:
-        copy["metadata"] = {k: v for k, v in metadata.items() if k != "managedFields"}
+    """A copy of an object to keep in a cache, less metadata.managedFields (the field managers'
+    bookkeeping, about half of a job's or a pod's memory; no decision reads it), with its keys
+    and short strings interned: each JSON document brings its own copy of every key
+    ("metadata", "resourceVersion", ...) and of each repeated value (a namespace, an env
+    name, "Pending"), which a cache of 1,000 jobs and pods held a thousand times over:
+    45 -> 34 KiB per job and pod (bench/README.md)."""
+    copy: dict[str, Any] = {}
+    for key, value in body.items():
+        if key == "metadata" and isinstance(value, Mapping):
+            value = {k: v for k, v in value.items() if k != "managedFields"}
+        copy[intern(key)] = _interned(value)
     return copy
+
+
+def _interned(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {intern(k) if isinstance(k, str) else k: _interned(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interned(v) for v in value]
+    if isinstance(value, str) and len(value) <= 64:
+        return intern(value)
+    return value
 
 
 def _key(body: Mapping[str, Any]) -> Key:
