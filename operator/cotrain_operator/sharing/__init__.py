@@ -1,7 +1,7 @@
 """GPU sharing modes: one module per mode behind the `SharingStrategy` Protocol.
 
-`strategy(mode)` gives the module for an explicit mode; `auto_modes(node)` says which modes a
-node's labels make natural, in order, for `mode: Auto`.
+`strategy(mode)` gives the module for an explicit mode; `auto_mode(node)` says which mode a
+node's GPU Feature Discovery labels set it up for, which is what `mode: Auto` resolves to there.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Owns the types every mode module returns. Each mode (exclusive, timeslicing, mps, mig) answers
 one question — what share of its GPUs can this node give one pod of this job, or why not — and
-the planner (`reconcile/planner.py`) picks nodes and budgets from the answers.
+placement (`reconcile/placement.py`, `place()`) picks nodes and budgets from the answers.
 """
 
 from __future__ import annotations
