@@ -69,6 +69,8 @@ class Session:
         self._login = login
         self._connections = connections
         self._lock = threading.Lock()
+        self._tls: tuple[Any, ...] | None = None
+        self.server = ""
         self._use(login())
 
     def _use(self, info: kopf.ConnectionInfo) -> None:
@@ -80,7 +82,7 @@ class Session:
             headers["Authorization"] = f"Basic {pair}"
         tls = (info.ca_path, info.ca_data, info.insecure, info.certificate_path,
                info.certificate_data, info.private_key_path, info.private_key_data)  # fmt: skip
-        if getattr(self, "_tls", None) != tls or getattr(self, "server", None) != info.server:
+        if tls != self._tls or info.server != self.server:
             self.pool = urllib3.PoolManager(
                 num_pools=2,
                 maxsize=self._connections,
