@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -20,7 +21,8 @@ sys.modules.setdefault("kubernetes", None)  # type: ignore[arg-type]
 
 import kopf  # noqa: E402
 
-from cotrain_operator import credentials, handlers  # noqa: E402, F401  (handlers: registers them)
+from cotrain_operator import credentials, handlers  # noqa: E402  (handlers: registers them)
+from cotrain_operator.settings import Settings, SettingsError  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,10 +42,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     try:
+        settings = Settings.from_env(os.environ)
         credentials.load()
-    except (credentials.CredentialsError, OSError) as error:
+    except (SettingsError, credentials.CredentialsError, OSError) as error:
         print(f"cotrain-operator: {error}", file=sys.stderr)
         return 2
+    if settings.kueue:
+        handlers.watch_kueue()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -53,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         liveness_endpoint=args.liveness or None,
+        memo=kopf.Memo({handlers.SETTINGS_KEY: settings}),
     )
     return 0
 

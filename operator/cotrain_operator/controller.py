@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Iterable, Mapping
@@ -30,6 +29,7 @@ from cotrain_operator.reconcile.create_errors import CreateOutcome, classify, re
 from cotrain_operator.reconcile.job import TERMINAL, Decision, decide, failed_create
 from cotrain_operator.reconcile.placement import held_share
 from cotrain_operator.reconcile.queueing import KueueObjects, parse_flavor, queue_name
+from cotrain_operator.settings import DecisionSettings, Settings
 from cotrain_operator.sharing import GpuNode, parse_node
 from cotrain_operator.sharing.inventory import less_held
 
@@ -39,19 +39,25 @@ T = TypeVar("T")
 MAX_BACKOFF_SECONDS = 60.0
 PHASES = ("Pending", "Running", "Succeeded", "Failed", "Suspended")
 # Status fields that only inform: the progress column and the node a pod was bound to. A status
-# patch that changes nothing else waits until STATUS_REFRESH_SECONDS after the job's last status
-# write (phases, conditions and members are written at once), so that trainer reports, every few
-# seconds from every member, do not each cost the API server a second write.
+# patch that changes nothing else waits until `status_refresh_seconds` (a setting) after the
+# job's last status write (phases, conditions and members are written at once), so that trainer
+# reports, every few seconds from every member, do not each cost the API server a second write.
 INFORMATIONAL = frozenset({"progress", "sharing"})
-STATUS_REFRESH_SECONDS = float(os.environ.get("COTRAIN_STATUS_REFRESH_SECONDS", "10"))
 # A decision that takes longer is logged: every accepted spec decides in milliseconds.
 SLOW_DECIDE_SECONDS = 1.0
 
 
 class Controller:
-    def __init__(self, api: KubeApi, workers: int = 4, kueue: bool = False) -> None:
+    def __init__(
+        self,
+        api: KubeApi,
+        workers: int = 4,
+        kueue: bool = False,
+        settings: Settings | None = None,
+    ) -> None:
         self.api = api
         self.workers = workers
+        self.settings = settings if settings is not None else Settings()
         # Queueing with Kueue (deploy/components/kueue): the jobs' Workloads, by job, and the
         # cluster's ResourceFlavors and WorkloadPriorityClasses; None when the operator does not.
         self.kueue: KueueObjects | None = KueueObjects({}, {}) if kueue else None
@@ -350,6 +356,7 @@ class Controller:
             list(self.nodes.values()),
             _owned(self.workloads.get(key), body),
             self.kueue,
+            self.settings.decisions,
         )
         if decision.waits_for_capacity:
             self._waiting_capacity.add(key)
@@ -476,7 +483,7 @@ class Controller:
         written = self._status_written.get(key)
         if not patch or written is None or not patch.keys() <= INFORMATIONAL:
             return 0.0
-        return written + STATUS_REFRESH_SECONDS - time.monotonic()
+        return written + self.settings.status_refresh_seconds - time.monotonic()
 
     def _count_phase(self, key: Key) -> None:
         """Keep the jobs-by-phase gauge in step with one job: O(1) per event, not O(jobs)."""
@@ -507,10 +514,19 @@ def _timed_decide(
     capacity: list[GpuNode],
     workload: Mapping[str, Any] | None,
     kueue: KueueObjects | None,
+    settings: DecisionSettings,
 ) -> Decision:
     started = time.perf_counter()
     decision = decide(
-        body, pods, nodes, now, pod_jobs, capacity=capacity, workload=workload, kueue=kueue
+        body,
+        pods,
+        nodes,
+        now,
+        pod_jobs,
+        capacity=capacity,
+        workload=workload,
+        kueue=kueue,
+        settings=settings,
     )
     took = time.perf_counter() - started
     metrics.DECIDE_SECONDS.observe(took)

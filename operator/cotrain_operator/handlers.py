@@ -9,7 +9,6 @@ nothing a user writes into an object's annotations or finalizers can trip it.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -21,11 +20,11 @@ from cotrain_operator.api.models import GROUP, PLURAL, VERSION
 from cotrain_operator.controller import Controller
 from cotrain_operator.k8s import KubeApi
 from cotrain_operator.reconcile.queueing import KUEUE_GROUP, KUEUE_VERSION
+from cotrain_operator.settings import Settings
 
 CONTROLLER_KEY = "controller"
-# Queue jobs labelled kueue.x-k8s.io/queue-name with Kueue (set by deploy/components/kueue,
-# which also grants the operator its verbs on Kueue's objects).
-KUEUE = os.environ.get("COTRAIN_KUEUE", "").lower() in ("1", "true", "yes")
+# The operator's settings (settings.py), read once by __main__ and handed over in kopf's memo.
+SETTINGS_KEY = "settings"
 
 
 # kopf's finalizer, under our group as all of kopf's state. None of our handlers needs one, so kopf
@@ -57,6 +56,7 @@ class NoDiffBase(kopf.DiffBaseStorage):
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    ours: Settings = memo[SETTINGS_KEY]
     settings.persistence.finalizer = KOPF_FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = NoDiffBase()
@@ -64,24 +64,26 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # kopf keeps a task and a queue per object that had an event until it has been idle this
     # long (default 5 s): after a burst of 1,000 jobs that is 2,000 of them, ~20 MiB (bench/).
     # Our handlers only enqueue a key, so a new task per event is no loss.
-    settings.batching.idle_timeout = float(os.environ.get("COTRAIN_WORKER_IDLE_SECONDS", "1"))
+    settings.batching.idle_timeout = ours.worker_idle_seconds
     settings.posting.level = logging.WARNING
-    settings.watching.server_timeout = int(os.environ.get("COTRAIN_WATCH_TIMEOUT", "300"))
+    settings.watching.server_timeout = ours.watch_timeout_seconds
     settings.watching.client_timeout = settings.watching.server_timeout + 30
     settings.watching.reconnect_backoff = 0.5
     # Only our pods, filtered by the API server: without it kopf watches every pod in the cluster
     # and drops the others client-side, after parsing them and keeping a memory of each.
     settings.watching.label_selectors["", "v1", "pods"] = LABEL_JOB
-    if KUEUE:
+    if ours.kueue:
         settings.watching.label_selectors[KUEUE_GROUP, KUEUE_VERSION, "workloads"] = LABEL_JOB
     controller = Controller(
-        KubeApi(), workers=int(os.environ.get("COTRAIN_WORKERS", "16")), kueue=KUEUE
+        KubeApi(threads=ours.api_threads),
+        workers=ours.workers,
+        kueue=ours.kueue,
+        settings=ours,
     )
     controller.start()
     memo[CONTROLLER_KEY] = controller
-    port = int(os.environ.get("COTRAIN_METRICS_PORT", "8080"))
-    if port:
-        metrics.serve(port)
+    if ours.metrics_port:
+        metrics.serve(ours.metrics_port)
 
 
 @kopf.on.login()
@@ -114,7 +116,10 @@ async def node_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     memo[CONTROLLER_KEY].on_node(event.get("type"), event["object"])
 
 
-if KUEUE:
+def watch_kueue() -> None:
+    """Watch Kueue's Workloads, ResourceFlavors and WorkloadPriorityClasses too (COTRAIN_KUEUE,
+    set by deploy/components/kueue, which also grants the operator its verbs on them); called
+    by __main__ before kopf starts."""
 
     @kopf.on.event(KUEUE_GROUP, KUEUE_VERSION, "workloads", labels={LABEL_JOB: kopf.PRESENT})
     async def workload_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:

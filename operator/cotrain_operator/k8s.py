@@ -14,7 +14,6 @@ import base64
 import functools
 import json
 import logging
-import os
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -28,16 +27,17 @@ import urllib3
 from cotrain_operator import credentials, metrics
 from cotrain_operator.api.models import GROUP, KIND, PLURAL, VERSION
 from cotrain_operator.reconcile.access import POLICY_NAME
+from cotrain_operator.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MERGE_PATCH = "application/merge-patch+json"
 FIELD_MANAGER = "cotrain-operator"
 COMPONENT = "cotrain-operator"
-# Calls to the API in flight at once. Each one holds a thread (and a pooled connection) for its
-# round trip; asyncio's default pool (cores + 4 threads) would cap a 2-core operator at 6, and
-# admission is bound by round trips, not by CPU.
-API_THREADS = int(os.environ.get("COTRAIN_API_THREADS", "16"))
+# Calls to the API in flight at once (the setting COTRAIN_API_THREADS). Each one holds a thread
+# (and a pooled connection) for its round trip; asyncio's default pool (cores + 4 threads) would
+# cap a 2-core operator at 6, and admission is bound by round trips, not by CPU.
+API_THREADS = Settings.api_threads
 # No request the operator makes takes long; one that hangs must not hold its thread for ever.
 TIMEOUT = urllib3.Timeout(connect=10.0, read=60.0)
 

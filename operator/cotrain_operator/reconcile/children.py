@@ -9,7 +9,6 @@ of the job and the placement.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
@@ -38,6 +37,7 @@ from cotrain_operator.api.models import (
 from cotrain_operator.api.quantity import parse_quantity
 from cotrain_operator.reconcile.access import TRAINER_SERVICE_ACCOUNT
 from cotrain_operator.reconcile.placement import GroupPlacement, Placement
+from cotrain_operator.settings import DecisionSettings
 
 # torch.distributed's rendezvous on replica 0, and each TensorFlow worker's own port (distinct
 # per replica, so replicas that share a host never collide).
@@ -45,7 +45,6 @@ TORCH_MASTER_PORT = 29500
 TF_WORKER_BASE_PORT = 2222
 ANNOTATION_RESTARTS = f"{GROUP}/restarts"
 MANAGED_BY = "cotrain-operator"
-DEFAULT_TRAINER_IMAGE = os.environ.get("COTRAIN_TRAINER_IMAGE", "ghcr.io/cotrain/trainer:0.1.0")
 TRAINER_UID = 1000
 # Shared memory for the frameworks' data loaders; under MPS the device plugin mounts its own.
 SHM_PATH = "/dev/shm"
@@ -211,11 +210,13 @@ def build_pod(
     group: GroupPlacement,
     attempt: int,
     restarts: Mapping[str, int],
+    trainer_image: str = DecisionSettings.trainer_image,
 ) -> dict[str, Any]:
-    """The trainer pod of one group, attempt `attempt`, continuing from `restarts`."""
+    """The trainer pod of one group, attempt `attempt`, continuing from `restarts`; in
+    `trainer_image` unless its members name their own."""
     job_name = body["metadata"]["name"]
     images = {m.image for m in group.group.members if m.image}
-    image = images.pop() if images else DEFAULT_TRAINER_IMAGE
+    image = images.pop() if images else trainer_image
     plan = PodPlan(
         job=job_name,
         namespace=body["metadata"]["namespace"],

@@ -76,7 +76,10 @@ from cotrain_operator.reconcile.status import (
     set_condition,
     with_kstatus,
 )
+from cotrain_operator.settings import DecisionSettings
 from cotrain_operator.sharing import GpuNode
+
+DEFAULT_DECISIONS = DecisionSettings()
 
 TERMINAL = (JobPhase.SUCCEEDED.value, JobPhase.FAILED.value)
 # Member reasons that explain a job's failure better than a generic one.
@@ -246,6 +249,7 @@ def decide(
     capacity: Sequence[GpuNode] | None = None,
     workload: Mapping[str, Any] | None = None,
     kueue: KueueObjects | None = None,
+    settings: DecisionSettings = DEFAULT_DECISIONS,
 ) -> Decision:
     """Everything the operator should do for one job given what it observes now.
 
@@ -253,7 +257,8 @@ def decide(
     name, so that a pod name another job's pod already has is not asked for again.
     `capacity`: the GPU nodes as they are, before our pods' shares are taken off (`nodes`);
     what a queued job's Workload asks for is planned on them. `workload`: the job's Kueue
-    Workload; `kueue`: the cluster's Kueue objects, None when the operator does not queue."""
+    Workload; `kueue`: the cluster's Kueue objects, None when the operator does not queue;
+    `settings`: the operator's settings that decisions read (its trainer image, CPU threads)."""
     metadata = body.get("metadata") or {}
     generation = metadata.get("generation")
     status = observed_status(body)
@@ -283,7 +288,17 @@ def decide(
     queue = queue_name(body)
     if queue is not None:
         gate = _queue_gate(
-            body, job, status, pods, capacity or nodes, generation, now, queue, workload, kueue
+            body,
+            job,
+            status,
+            pods,
+            capacity or nodes,
+            generation,
+            now,
+            queue,
+            workload,
+            kueue,
+            settings,
         )
         if isinstance(gate, Decision):
             return gate
@@ -324,12 +339,12 @@ def decide(
     groups = [_observe(group, pods, reports) for group in pod_groups(job)]
     for state in groups:
         if state.outcome == "Crashed" and state.group.replica is None:
-            _retry_crashed(body, job, state, reports, nodes, decision)
+            _retry_crashed(body, job, state, reports, nodes, decision, settings)
     for gang in _gangs(groups).values():
-        _settle_gang(body, job, gang, reports, nodes, decision)
+        _settle_gang(body, job, gang, reports, nodes, decision, settings)
     placement: Placement | Unschedulable | None = None
     if any(g.outcome == "Pending" and g.current is None for g in groups):
-        placement = place(job, list(nodes))
+        placement = place(job, list(nodes), settings.default_cpu_threads)
 
     if isinstance(placement, Unschedulable):
         decision.waits_for_capacity = True
@@ -342,7 +357,7 @@ def decide(
         conditions = set_condition(
             conditions, "Schedulable", True, "Fits", _fit_message(placement), generation, now
         )
-        _create_missing(body, job, placement, groups, decision)
+        _create_missing(body, job, placement, groups, decision, settings)
 
     verdict = _scheduler_verdict(groups) if placement is None else None
     if verdict is not None:
@@ -581,6 +596,7 @@ def _queue_gate(
     queue: str,
     workload: Mapping[str, Any] | None,
     kueue: KueueObjects | None,
+    settings: DecisionSettings,
 ) -> Decision | tuple[CoTrainJob, dict[str, str], list[Mapping[str, Any]]]:
     """A queued job runs only while Kueue admits its Workload: the decision that holds it (and
     keeps its Workload in step), or the job as admitted (the ResourceFlavors' node labels in
@@ -603,7 +619,7 @@ def _queue_gate(
             "the label",
         )
     if not condition_true(workload, "QuotaReserved"):
-        desired = _desired_workload(body, job, capacity, queue, kueue)
+        desired = _desired_workload(body, job, capacity, queue, kueue, settings)
         if isinstance(desired, Unschedulable):
             return held(desired.reason, f"not queued: {desired.message}")
         if isinstance(desired, str):
@@ -643,15 +659,16 @@ def _desired_workload(
     capacity: Sequence[GpuNode],
     queue: str,
     kueue: KueueObjects,
+    settings: DecisionSettings,
 ) -> dict[str, Any] | str | Unschedulable:
     """The Workload of exactly the pods the job would create, planned on the nodes as they are
     (Kueue's quota, not what is free now, decides when they may start)."""
-    placement = place(job, list(capacity))
+    placement = place(job, list(capacity), settings.default_cpu_threads)
     if isinstance(placement, Unschedulable):
         return placement
     planned = []
     for group in placement.groups:
-        pod = build_pod(body, job, placement, group, 0, {})
+        pod = build_pod(body, job, placement, group, 0, {}, settings.trainer_image)
         member = group.group.members[0].name
         planned.append((pod_set_name(group.group.name, member, group.group.replica), pod))
     return build_workload(body, planned, queue, kueue)
@@ -746,6 +763,7 @@ def _create_missing(
     placement: Placement,
     groups: list[_GroupState],
     decision: Decision,
+    settings: DecisionSettings,
 ) -> None:
     by_name = {g.group.name: g for g in placement.groups}
     creates = []
@@ -753,7 +771,15 @@ def _create_missing(
         if state.current is None and state.outcome == "Pending":
             attempt = (_attempt(state.pods[-1]) + 1) if state.pods else 0
             creates.append(
-                build_pod(body, job, placement, by_name[state.group.name], attempt, state.restarts)
+                build_pod(
+                    body,
+                    job,
+                    placement,
+                    by_name[state.group.name],
+                    attempt,
+                    state.restarts,
+                    settings.trainer_image,
+                )
             )
     if creates:
         decision.create.extend(build_peer_services(body, job))
@@ -767,6 +793,7 @@ def _retry_crashed(
     reports: Mapping[str, MemberStatus],
     nodes: Sequence[GpuNode],
     decision: Decision,
+    settings: DecisionSettings,
 ) -> None:
     """Recreate a crashed pod group within backoffLimit; a co-tenant's fault costs nothing."""
     limit = job.spec.run_policy.backoff_limit
@@ -783,13 +810,15 @@ def _retry_crashed(
             f"last: {last}"
         )
         return
-    placement = place(job, list(nodes))
+    placement = place(job, list(nodes), settings.default_cpu_threads)
     if isinstance(placement, Unschedulable):
         state.outcome = "Pending"
         return
     group = next(g for g in placement.groups if g.group.name == state.group.name)
     attempt = _attempt(state.current or {}) + 1
-    decision.create.append(build_pod(body, job, placement, group, attempt, next_restarts))
+    decision.create.append(
+        build_pod(body, job, placement, group, attempt, next_restarts, settings.trainer_image)
+    )
     decision.events.append(
         Event(
             "Warning",
@@ -818,6 +847,7 @@ def _settle_gang(
     reports: Mapping[str, MemberStatus],
     nodes: Sequence[GpuNode],
     decision: Decision,
+    settings: DecisionSettings,
 ) -> None:
     """A member's replicas live and die together: one ending badly stops and restarts them all
     (one restart of the member), or fails them all when the backoff is spent."""
@@ -844,7 +874,7 @@ def _settle_gang(
             state.outcome, state.reason, state.message = "Failed", reason, message
             state.exit_code = first.exit_code
         return
-    placement = place(job, list(nodes))
+    placement = place(job, list(nodes), settings.default_cpu_threads)
     decision.delete_pods.extend(active)
     if isinstance(placement, Unschedulable):
         for state in gang:
@@ -857,7 +887,15 @@ def _settle_gang(
         state.restarts = {member.name: following}
         state.outcome = "Pending"
         decision.create.append(
-            build_pod(body, job, placement, by_name[state.group.name], attempt, state.restarts)
+            build_pod(
+                body,
+                job,
+                placement,
+                by_name[state.group.name],
+                attempt,
+                state.restarts,
+                settings.trainer_image,
+            )
         )
     decision.events.append(
         Event(

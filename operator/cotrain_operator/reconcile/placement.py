@@ -8,7 +8,6 @@ nowhere gets an `Unschedulable` that names the node facts, before any pod exists
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,14 +16,15 @@ from cotrain_operator.api.budget import cpu_threads, memory_budgets
 from cotrain_operator.api.contract import PlannedBudget
 from cotrain_operator.api.models import CoTrainJob, Member, PlacementStrategy, SharingMode
 from cotrain_operator.api.quantity import quantity_bytes
+from cotrain_operator.settings import DecisionSettings
 from cotrain_operator.sharing import GpuNode, Refusal, Share, auto_mode, strategy
 from cotrain_operator.sharing.inventory import NVIDIA_RESOURCE_PREFIX
 
 MIB = 2**20
 SAME_GPU_GROUP = "gpu"
 # Cores a trainer pod may assume it shares among its members when neither cpuThreads nor a cpu
-# limit says otherwise (the node's real count is unknown until the pod runs).
-NODE_CORES = int(os.environ.get("COTRAIN_DEFAULT_CPU_THREADS", "2"))
+# limit says otherwise (the node's real count is unknown until the pod runs): a setting.
+NODE_CORES = DecisionSettings.default_cpu_threads
 
 
 @dataclass(frozen=True)
@@ -107,13 +107,15 @@ def pod_groups(job: CoTrainJob) -> tuple[PodGroup, ...]:
     return tuple(groups)
 
 
-def member_budgets(group: PodGroup, share_bytes: int | None) -> dict[str, PlannedBudget]:
+def member_budgets(
+    group: PodGroup, share_bytes: int | None, node_cores: int = NODE_CORES
+) -> dict[str, PlannedBudget]:
     memory = memory_budgets(group.members, share_bytes)
     return {
         member.name: PlannedBudget(
             memory_bytes=memory[member.name],
             compute_percent=member.gpu.compute_percent,
-            cpu_threads=cpu_threads(member, len(group.members), NODE_CORES),
+            cpu_threads=cpu_threads(member, len(group.members), node_cores),
         )
         for member in group.members
     }
@@ -193,8 +195,11 @@ def _gangs_fit(
     return True
 
 
-def place(job: CoTrainJob, nodes: list[GpuNode]) -> Placement | Unschedulable:
-    """Fit every pod group of `job` on the GPU nodes, or say why it cannot fit anywhere."""
+def place(
+    job: CoTrainJob, nodes: list[GpuNode], node_cores: int = NODE_CORES
+) -> Placement | Unschedulable:
+    """Fit every pod group of `job` on the GPU nodes, or say why it cannot fit anywhere;
+    `node_cores`: the CPU threads a pod's members share unless they say otherwise."""
     groups = pod_groups(job)
     candidates = sorted((n for n in nodes if _selected(job, n)), key=lambda n: n.name)
     if not candidates:
@@ -215,7 +220,7 @@ def place(job: CoTrainJob, nodes: list[GpuNode]) -> Placement | Unschedulable:
         modes = [requested]
     refusals: list[Refusal] = []
     for mode in modes:
-        placed = _place_mode(job, groups, mode, candidates, refusals)
+        placed = _place_mode(job, groups, mode, candidates, refusals, node_cores)
         if placed is not None:
             return placed
     facts = "; ".join(r.reason for r in refusals)
@@ -233,6 +238,7 @@ def _place_mode(
     mode: SharingMode,
     candidates: list[GpuNode],
     refusals: list[Refusal],
+    node_cores: int,
 ) -> Placement | None:
     fits: dict[str, list[tuple[GpuNode, Share]]] = {}
     for group in groups:
@@ -277,7 +283,7 @@ def _place_mode(
                 group=group,
                 share=first_share,
                 nodes=tuple(n.hostname for n, _ in same_kind),
-                budgets=member_budgets(group, budget_bytes),
+                budgets=member_budgets(group, budget_bytes, node_cores),
             )
         )
     product = next(n.product for n, _ in fits[groups[0].name])
