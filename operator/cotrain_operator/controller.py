@@ -109,7 +109,8 @@ class Controller:
             self._reported.pop(key, None)
             self._member_series.forget(*key)
             return
-        self.jobs[key] = _cached(body)
+        if not _same_version(self.jobs.get(key), body):
+            self.jobs[key] = _cached(body)
         self._count_phase(key)
         self._export_members(key, body)
         self.enqueue(key)
@@ -152,7 +153,8 @@ class Controller:
             if names is not None and names.pop(name, None) is not None and not names:
                 del self._pod_jobs[key[0]]
         else:
-            self.pods[key][name] = _cached(body)
+            if not _same_version(self.pods[key].get(name), body):
+                self.pods[key][name] = _cached(body)
             self._pod_jobs[key[0]][name] = key[1]
         self._count_held((key[0], name), None if event_type == "DELETED" else body)
         if key in self.jobs:
@@ -578,6 +580,21 @@ def _cached(body: Mapping[str, Any]) -> dict[str, Any]:
             value = {k: v for k, v in value.items() if k != "managedFields"}
         copy[intern(key)] = _interned(value)
     return copy
+
+
+def _same_version(cached: Mapping[str, Any] | None, body: Mapping[str, Any]) -> bool:
+    """Whether the cache holds this very version of the object already: the watch's echo of a
+    write whose answer the controller cached (the pod it created, the status it patched), which
+    is not taken apart and interned again."""
+    if cached is None:
+        return False
+    kept, event = cached.get("metadata") or {}, body.get("metadata") or {}
+    version = event.get("resourceVersion")
+    return (
+        version is not None
+        and kept.get("resourceVersion") == version
+        and kept.get("uid") == event.get("uid")
+    )
 
 
 def _interned(value: Any) -> Any:

@@ -1,6 +1,7 @@
 """What the controller keeps of each job and pod: the object as the API server sent it, less
 `metadata.managedFields`, with nothing shared with the event it came in (kopf's body), and its
-keys and short strings interned so that 1,000 cached pods hold one copy of each."""
+keys and short strings interned so that 1,000 cached pods hold one copy of each; the watch's
+echo of a version already cached is not copied again."""
 
 from __future__ import annotations
 
@@ -63,3 +64,26 @@ def test_two_pods_share_their_keys_and_short_values() -> None:
     assert env_one is two["spec"]["containers"][0]["env"][0]["name"]
     # A long string is kept as it came: interning what is seldom repeated buys nothing.
     assert one["status"]["message"] is not two["status"]["message"]
+
+
+def test_the_echo_of_a_cached_version_keeps_the_cached_object() -> None:
+    from cotrain_operator.controller import Controller
+
+    controller = Controller(api=None, workers=1)  # type: ignore[arg-type]  (no call is made)
+    pod = a_pod("p")
+    pod["metadata"]["labels"] = {"cotrain.dev/job": "j"}
+    pod["metadata"]["uid"] = "u1"
+    controller.on_pod("ADDED", pod)
+    kept = controller.pods[("team-a", "j")]["p"]
+    controller.on_pod("MODIFIED", a_pod("p") | {"metadata": pod["metadata"]})
+    assert controller.pods[("team-a", "j")]["p"] is kept  # the same version: not copied again
+    newer = copy.deepcopy(pod)
+    newer["metadata"]["resourceVersion"] = "13"
+    newer["status"]["phase"] = "Running"
+    controller.on_pod("MODIFIED", newer)
+    assert controller.pods[("team-a", "j")]["p"]["status"]["phase"] == "Running"
+    other = copy.deepcopy(newer)
+    other["metadata"]["uid"] = "u2"  # a new pod of the same name, at the same version number
+    other["status"]["phase"] = "Pending"
+    controller.on_pod("ADDED", other)
+    assert controller.pods[("team-a", "j")]["p"]["metadata"]["uid"] == "u2"
