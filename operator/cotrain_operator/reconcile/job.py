@@ -770,17 +770,8 @@ def _create_missing(
     for state in groups:
         if state.current is None and state.outcome == "Pending":
             attempt = (_attempt(state.pods[-1]) + 1) if state.pods else 0
-            creates.append(
-                build_pod(
-                    body,
-                    job,
-                    placement,
-                    by_name[state.group.name],
-                    attempt,
-                    state.restarts,
-                    settings.trainer_image,
-                )
-            )
+            group, image = by_name[state.group.name], settings.trainer_image
+            creates.append(build_pod(body, job, placement, group, attempt, state.restarts, image))
     if creates:
         decision.create.extend(build_peer_services(body, job))
         decision.create.extend(creates)
@@ -886,16 +877,9 @@ def _settle_gang(
     for state in gang:
         state.restarts = {member.name: following}
         state.outcome = "Pending"
+        group, image = by_name[state.group.name], settings.trainer_image
         decision.create.append(
-            build_pod(
-                body,
-                job,
-                placement,
-                by_name[state.group.name],
-                attempt,
-                state.restarts,
-                settings.trainer_image,
-            )
+            build_pod(body, job, placement, group, attempt, state.restarts, image)
         )
     decision.events.append(
         Event(
